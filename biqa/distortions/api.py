@@ -1,0 +1,85 @@
+"""``distort(image, kind, level, rng)``: input checks, the KADID stretch, 8-bit output."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._matlab import im2uint8, mapmm
+from .registry import get
+from .spec import DistortionSpec
+
+
+def as_rgb_uint8(image) -> np.ndarray:
+    """Validate an image and bring it to uint8 H*W*3 RGB.
+
+    Gray (H*W or H*W*1) is replicated to three channels; RGBA drops its alpha
+    (as Pillow's ``convert('RGB')`` does).  Anything else is refused with a
+    ``ValueError`` that says why, because silently rescaling a 16-bit or float
+    image would change what the distortion levels mean.
+    """
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"image must be a numpy array, not {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (8-bit RGB), got dtype {image.dtype}; "
+                         "convert 16-bit or float images to 8-bit first")
+    if image.size == 0:
+        raise ValueError(f"image is empty (shape {image.shape})")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.ndim == 3:
+        channels = image.shape[2]
+        if channels == 1:
+            image = np.repeat(image, 3, axis=2)
+        elif channels == 4:
+            image = image[:, :, :3]
+        elif channels != 3:
+            raise ValueError(f"image must have 1, 3 or 4 channels, got {channels}")
+    else:
+        raise ValueError(f"image must be H*W or H*W*C, got {image.ndim} dimensions")
+    return np.ascontiguousarray(image)
+
+
+def as_generator(rng) -> np.random.Generator:
+    """``None`` -> fresh entropy, int -> seeded, Generator -> itself."""
+    if rng is None or isinstance(rng, (int, np.integer)):
+        return np.random.default_rng(rng)
+    if isinstance(rng, np.random.Generator):
+        return rng
+    raise ValueError(f"rng must be None, an int seed or a numpy Generator, "
+                     f"not {type(rng).__name__}")
+
+
+def check_level(level) -> int:
+    if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or not 1 <= level <= 5:
+        raise ValueError(f"level must be an integer 1..5, got {level!r}")
+    return int(level)
+
+
+def apply_spec(spec: DistortionSpec, image: np.ndarray, level: int,
+               rng: np.random.Generator) -> np.ndarray:
+    """Run one type on a validated uint8 RGB image (no checks: the caller made them)."""
+    param = spec.params[level - 1]
+    if not spec.kadid_stretch:
+        return spec.fn(image, param, rng)
+    x = mapmm(image.astype(np.float64)).astype(np.float32)
+    y = spec.fn(x, param, rng)
+    return im2uint8(mapmm(np.asarray(y, dtype=np.float64)))
+
+
+def distort(image, kind, level, rng=None) -> np.ndarray:
+    """Apply distortion ``kind`` (id or name) at ``level`` 1..5 to an RGB image.
+
+    Returns uint8 H*W*3 of the input's height and width.  All randomness comes
+    from ``rng`` (None, an int seed or a ``numpy.random.Generator``), so the same
+    (image, kind, level, seed) gives the same bytes on any machine.
+    """
+    spec = get(kind)
+    level = check_level(level)
+    img = as_rgb_uint8(image)
+    h, w = img.shape[:2]
+    if min(h, w) < spec.min_size:
+        raise ValueError(f"image is {w}x{h} px; {spec.name} (type {spec.id}) needs at least "
+                         f"{spec.min_size}x{spec.min_size}")
+    out = apply_spec(spec, img, level, as_generator(rng))
+    assert out.dtype == np.uint8 and out.shape == img.shape, (spec.name, out.dtype, out.shape)
+    return out
