@@ -124,13 +124,12 @@ def fspecial_motion(length: float, angle: float) -> np.ndarray:
     linewdt = 1.0
     sx = math.trunc(half * cosphi + linewdt * xsign - length * EPS)
     sy = math.trunc(half * sinphi + linewdt - length * EPS)
-    xs = np.arange(0, sx + xsign, xsign, dtype=np.float64) if xsign != 0 else np.zeros(1)
-    xs = xs[np.abs(xs) <= abs(sx)]
+    xs = np.arange(0, sx + xsign, xsign, dtype=np.float64)
     ys = np.arange(0, sy + 1, dtype=np.float64)
     x, y = np.meshgrid(xs, ys)
     dist2line = y * cosphi - x * sinphi
     rad = np.sqrt(x * x + y * y)
-    last = (rad >= half) & (np.abs(x) <= linewdt)
+    last = (rad >= half) & (np.abs(dist2line) <= linewdt)
     with np.errstate(divide="ignore", invalid="ignore"):
         x2last = half - np.abs((x[last] + dist2line[last] * sinphi) / cosphi)
     dist2line[last] = np.sqrt(dist2line[last] ** 2 + x2last ** 2)

@@ -61,9 +61,14 @@ def apply_spec(spec: DistortionSpec, image: np.ndarray, level: int,
     param = spec.params[level - 1]
     if not spec.kadid_stretch:
         return spec.fn(image, param, rng)
+    return run_stretched(lambda x: spec.fn(x, param, rng), image)
+
+
+def run_stretched(pixel_fn, image: np.ndarray) -> np.ndarray:
+    """The KADID entry point around a pixel function: min-max stretch the uint8 input
+    (from its integer values), apply, stretch the output again, ``im2uint8``."""
     x = mapmm(image.astype(np.float64)).astype(np.float32)
-    y = spec.fn(x, param, rng)
-    return im2uint8(mapmm(np.asarray(y, dtype=np.float64)))
+    return im2uint8(mapmm(np.asarray(pixel_fn(x), dtype=np.float64)))
 
 
 def distort(image, kind, level, rng=None) -> np.ndarray:
