@@ -1,0 +1,93 @@
+"""The contact sheet: one reference through every selected type × level, in a labelled grid.
+
+Rows are types (id and name), columns levels; each thumbnail carries the level
+parameter and its PSNR to the reference.  Samples use the dataset's seeds, so
+the sheet shows exactly what ``biqa-gen`` writes for that reference.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from biqa.distortions import DistortionNotApplicable, get
+from biqa.distortions._matlab import psnr
+from biqa.distortions.api import apply_spec
+from biqa.shards.writer import atomic_write_bytes
+
+from .refs import load_reference
+from .seeding import sample_rng
+
+LABEL_WIDTH = 190
+HEADER_HEIGHT = 22
+CAPTION_HEIGHT = 14
+BACKGROUND = (255, 255, 255)
+EMPTY_CELL = (200, 200, 200)
+
+
+def _thumbnail(img: np.ndarray, width: int) -> Image.Image:
+    h, w = img.shape[:2]
+    return Image.fromarray(img).resize((width, max(1, round(h * width / w))),
+                                       Image.Resampling.LANCZOS)
+
+
+def _cell(img: np.ndarray, ref_id: str, type_id: int, level: int, seed: int):
+    """(distorted image or None, caption) for one grid cell."""
+    spec = get(type_id)
+    try:
+        out = apply_spec(spec, img, level, sample_rng(seed, ref_id, type_id, level))
+    except DistortionNotApplicable:
+        return None, "not applicable"
+    except Exception as exc:  # a broken type must not hide the others on the sheet
+        return None, f"failed: {type(exc).__name__}"
+    return out, f"{spec.params[level - 1]}  {psnr(img, out):.1f} dB"
+
+
+def render_contact_sheet(img: np.ndarray, ref_id: str, type_ids, levels=(1, 2, 3, 4, 5),
+                         seed: int = 0, thumb_width: int = 192) -> tuple[Image.Image, list[str]]:
+    """The grid for an RGB uint8 reference; returns (sheet, list of cells that failed)."""
+    thumb_h = max(1, round(img.shape[0] * thumb_width / img.shape[1]))
+    row_h = thumb_h + CAPTION_HEIGHT
+    sheet = Image.new("RGB", (LABEL_WIDTH + len(levels) * thumb_width,
+                              HEADER_HEIGHT + (len(type_ids) + 1) * row_h), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    draw.text((4, 4), f"reference: {ref_id}", fill=(0, 0, 0), font=font)
+    for c, level in enumerate(levels):
+        draw.text((LABEL_WIDTH + c * thumb_width + 4, 4), f"level {level}", fill=(0, 0, 0),
+                  font=font)
+    rows = [(None, "reference")] + [(t, f"{t:2d} {get(t).name}") for t in type_ids]
+    failures = []
+    for r, (type_id, label) in enumerate(rows):
+        y = HEADER_HEIGHT + r * row_h
+        draw.text((4, y + thumb_h // 2), label, fill=(0, 0, 0), font=font)
+        for c, level in enumerate(levels):
+            x = LABEL_WIDTH + c * thumb_width
+            if type_id is None:
+                if c == 0:
+                    sheet.paste(_thumbnail(img, thumb_width), (x, y))
+                continue
+            out, caption = _cell(img, ref_id, type_id, level, seed)
+            if out is None:
+                draw.rectangle((x, y, x + thumb_width - 1, y + thumb_h - 1), fill=EMPTY_CELL)
+                if caption.startswith("failed"):
+                    failures.append(f"type {type_id} level {level}: {caption}")
+            else:
+                sheet.paste(_thumbnail(out, thumb_width), (x, y))
+            draw.text((x + 2, y + thumb_h), caption, fill=(0, 0, 0), font=font)
+    return sheet, failures
+
+
+def write_contact_sheet(out_png: str, ref_path: str, ref_id: str, type_ids, levels=(1, 2, 3, 4, 5),
+                        seed: int = 0, resize: tuple[int, int] | None = None,
+                        thumb_width: int = 192) -> list[str]:
+    """Render the sheet for one reference file into ``out_png``; returns failed cells."""
+    min_size = max(get(t).min_size for t in type_ids)
+    img = load_reference(ref_path, resize, min_size)
+    sheet, failures = render_contact_sheet(img, ref_id, type_ids, levels, seed, thumb_width)
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    atomic_write_bytes(out_png, buf.getvalue())
+    return failures
