@@ -1,0 +1,1 @@
+"""WebDataset shards: reproducible tar writing (``writer``) and reading (``reader``)."""
