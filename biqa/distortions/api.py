@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._matlab import im2uint8, mapmm
 from .registry import get
 from .spec import DistortionSpec
 
@@ -66,9 +65,34 @@ def apply_spec(spec: DistortionSpec, image: np.ndarray, level: int,
 
 def run_stretched(pixel_fn, image: np.ndarray) -> np.ndarray:
     """The KADID entry point around a pixel function: min-max stretch the uint8 input
-    (from its integer values), apply, stretch the output again, ``im2uint8``."""
-    x = mapmm(image.astype(np.float64)).astype(np.float32)
-    return im2uint8(mapmm(np.asarray(pixel_fn(x), dtype=np.float64)))
+    (from its integer values), apply, stretch the output again, ``im2uint8``.
+
+    Both stretches are done in double precision, as MATLAB does, so ties at .5
+    round the same way; the input one is a 256-entry lookup table.
+    """
+    lo, hi = int(image.min()), int(image.max())
+    levels = np.arange(256, dtype=np.float64)
+    lut = (levels - lo) / (hi - lo) if hi > lo else levels
+    x = lut.astype(np.float32)[image]
+    return stretch_to_uint8(np.asarray(pixel_fn(x)))
+
+
+def stretch_to_uint8(y: np.ndarray) -> np.ndarray:
+    """``im2uint8(mapmm(y))`` in one pass of double arithmetic; NaN becomes 0."""
+    y = y.astype(np.float64)
+    nan = np.isnan(y)
+    has_nan = bool(nan.any())
+    lo = float(np.nanmin(y) if has_nan else y.min())
+    hi = float(np.nanmax(y) if has_nan else y.max())
+    if hi > lo:
+        y -= lo
+        y /= hi - lo
+    y *= 255.0
+    y += 0.5
+    np.clip(y, 0.0, 255.0, out=y)
+    if has_nan:
+        y[nan] = 0.0
+    return y.astype(np.uint8)  # truncation of a non-negative value is floor
 
 
 def distort(image, kind, level, rng=None) -> np.ndarray:

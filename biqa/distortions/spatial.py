@@ -19,10 +19,10 @@ def jitter(img: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarr
     replicate-padded image (the original pads rows by the x-range and columns by the
     y-range; a sample outside the padded grid becomes NaN, then black)."""
     h, w, _ = img.shape
-    out = img.astype(np.float64)
-    rows, cols = np.mgrid[1:h + 1, 1:w + 1].astype(np.float64)
+    out = img
+    rows, cols = np.mgrid[1:h + 1, 1:w + 1].astype(np.float32)
     for _ in range(5):
-        shifts = rng.standard_normal((2, h, w)) * amount
+        shifts = rng.standard_normal((2, h, w), dtype=np.float32) * np.float32(amount)
         sy, sx = shifts[0], shifts[1]
         pad_r = math.ceil(np.max(np.abs(sx)))
         pad_c = math.ceil(np.max(np.abs(sy)))
