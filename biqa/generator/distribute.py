@@ -26,6 +26,16 @@ def default_workers() -> int:
     return joblib.cpu_count(only_physical_cores=False)
 
 
+def check_backend(workers: int, backend: str, scheduler: str | None) -> None:
+    """Refuse a bad combination before anything is written."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    if scheduler and backend != "dask":
+        raise ValueError("--scheduler needs --backend dask")
+
+
 @contextlib.contextmanager
 def _dask_client(scheduler: str | None, workers: int):
     """A client to ``scheduler``; without one, a loopback LocalCluster of ``workers``
@@ -45,12 +55,7 @@ def iter_results(plan: Plan, workers: int = 1, backend: str = "loky",
                  scheduler: str | None = None,
                  attempts: int = DEFAULT_ATTEMPTS) -> Iterator[dict]:
     """Yield every task's result (stats or failure record) as it completes."""
-    if backend not in BACKENDS:
-        raise ValueError(f"--backend must be one of {BACKENDS}, got {backend!r}")
-    if workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
-    if scheduler and backend != "dask":
-        raise ValueError("--scheduler needs --backend dask")
+    check_backend(workers, backend, scheduler)
     if backend == "loky" and workers == 1:
         yield from (run_task(task, attempts) for task in plan.tasks())
         return

@@ -12,7 +12,7 @@ import time
 
 from biqa.distortions import resolve_distortions
 
-from .distribute import Progress, default_workers, run_plan
+from .distribute import Progress, check_backend, default_workers, run_plan
 from .manifest import build_manifest, prepare_out_dir, write_manifest, job_config
 from .plan import JobSettings, Plan
 from .refs import resolve_refs
@@ -67,6 +67,7 @@ def generate(refs=None, refs_root=None, distortions="all", levels="1-5", out="sh
     plan = make_plan(refs, refs_root, distortions, levels, out, seed, per_shard,
                      image_format, out_format, resize)
     workers = workers or default_workers()
+    check_backend(workers, backend, scheduler)
     out_dir = plan.settings.out_dir
     prepare_out_dir(out_dir, job_config(plan), overwrite)
     write_manifest(out_dir, build_manifest(plan, [], "incomplete", run={}))

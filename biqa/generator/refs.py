@@ -12,11 +12,12 @@ import csv
 import glob
 import hashlib
 import os
+import posixpath
 import re
 import unicodedata
 import warnings
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -70,7 +71,7 @@ def _short_hash(text: str) -> str:
 def assign_ids(rel_paths: list[str]) -> list[str]:
     """One unique id per listed path: the sanitised stem, plus a hash of the listed
     path where stems collide (case-insensitively, for case-insensitive file systems)."""
-    stems = [sanitise_stem(PurePosixPath(r).stem) for r in rel_paths]
+    stems = [sanitise_stem(posixpath.splitext(posixpath.basename(r))[0]) for r in rel_paths]
     counts: dict[str, int] = {}
     for s in stems:
         counts[s.lower()] = counts.get(s.lower(), 0) + 1
@@ -93,7 +94,7 @@ def _read_list(list_file: Path) -> list[str]:
             names = [row[0].strip() for row in csv.reader(f) if row and row[0].strip()]
         else:
             names = [line.split("\t")[0].strip() for line in f if line.strip()]
-    if names and PurePosixPath(names[0]).suffix.lower() not in IMAGE_EXTENSIONS:
+    if names and posixpath.splitext(names[0])[1].lower() not in IMAGE_EXTENSIONS:
         names = names[1:]
     return names
 
@@ -121,9 +122,8 @@ def _entries(source: str, refs_root: str | None) -> list[tuple[str, str]]:
     if path.is_dir():
         return [(rel, str(path / rel)) for rel in _list_folder(path)]
     if path.suffix.lower() in LIST_EXTENSIONS and path.is_file():
-        root = Path(refs_root) if refs_root else path.parent
-        return [(PurePosixPath(n.replace("\\", "/")).as_posix(), str(root / n))
-                for n in _read_list(path)]
+        root = refs_root or str(path.parent)
+        return [(n.replace("\\", "/"), os.path.join(root, n)) for n in _read_list(path)]
     if _GLOB_MAGIC.search(source):
         root = _glob_root(source)
         return [(Path(p).relative_to(root).as_posix(), p)
@@ -251,8 +251,9 @@ def load_reference(path: str, resize: tuple[int, int] | None = None,
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                high_depth = _is_16_bit(im)  # before getexif(), which may load the pixels
                 orientation = im.getexif().get(0x0112, 1)
-                raw = _decode_16_bit(path, im) if _is_16_bit(im) else _decode_8_bit(im)
+                raw = _decode_16_bit(path, im) if high_depth else _decode_8_bit(im)
     except ReferenceSkipped:
         raise
     except FileNotFoundError:

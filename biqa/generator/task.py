@@ -69,7 +69,7 @@ def read_stats(out_dir: str, name: str) -> dict | None:
     try:
         with open(stats_path(out_dir, name), "rb") as f:
             return json.loads(f.read())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing, unreadable or half-garbage: not done
         return None
 
 
@@ -165,13 +165,13 @@ def run_task(task: ShardTask, attempts: int = DEFAULT_ATTEMPTS) -> dict:
     """Run (or confirm) one shard; never raises.  Returns its stats plus ``seconds`` and
     ``resumed``; on failure ``status == "failed"`` with the last error's traceback."""
     start = time.perf_counter()
-    limit_threads()
-    done = completed_stats(task)
-    if done is not None:
-        return {**done, "resumed": True, "seconds": time.perf_counter() - start}
     errors = []
     for _ in range(attempts):
         try:
+            limit_threads()
+            done = completed_stats(task)
+            if done is not None:
+                return {**done, "resumed": True, "seconds": time.perf_counter() - start}
             stats = _generate(task)
             atomic_write_bytes(stats_path(task.settings.out_dir, task.name), _dumps(stats))
             return {**stats, "resumed": False, "seconds": time.perf_counter() - start}

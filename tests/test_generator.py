@@ -1,0 +1,245 @@
+"""biqa-gen end to end: real tars read back with webdataset, byte-identical output for
+workers=1, loky and a real Dask LocalCluster, resume, refusal, failure, kill -9 and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from biqa.cli import gen
+from biqa.distortions import distort
+from biqa.generator import generate
+from biqa.generator.refs import load_reference, resolve_refs
+from biqa.shards.reader import iter_groups, iter_samples, load_manifest, shard_paths
+from biqa.shards.writer import file_digest
+
+# Small but real: the 7 bundled references at 128x96, a blur, two noises, a
+# deterministic type and chromatic aberration (whose search finds nothing for some
+# levels of such small images: the not-applicable path).
+JOB = dict(distortions="21,11,3,27", levels="1-5", resize="128x96", per_shard=10, seed=7)
+N_REFS, N_TYPES = 7, 4
+GEN_CMD = [sys.executable, "-c", "from biqa.cli import gen_main; gen_main()"]
+
+
+def _tars(out) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(out).glob("*.tar"))}
+
+
+def _without_run(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k != "run"}
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    out = tmp_path_factory.mktemp("baseline")
+    manifest = generate(out=str(out), workers=1, progress=False, **JOB)
+    return out, manifest
+
+
+def test_shards_hold_every_planned_sample_readable_with_webdataset(baseline):
+    out, manifest = baseline
+    assert manifest["status"] == "complete" and manifest["failed"] == []
+    t = manifest["totals"]
+    assert t["samples_planned"] == N_REFS * N_TYPES * 5 and t["shards_planned"] == 14
+    assert t["samples"] + t["not_applicable"] == t["samples_planned"]
+    assert t["not_applicable"] > 0  # type 27 finds no candidate for some levels
+    assert [s["name"] for s in manifest["types"]] == [
+        "pixelate", "white_noise", "motion_blur", "chromatic_aberration"]
+    assert [s["class_base"] for s in manifest["types"]] == [0, 5, 10, 15]
+
+    samples = list(iter_samples(out))
+    assert len(samples) == t["samples"]
+    keys = [f"{m['ref']}_{m['type']:02d}_{m['level']:02d}" for _, m in samples]
+    assert len(set(keys)) == len(keys)
+    assert not set(keys) & {n["key"] for n in manifest["not_applicable"]}
+    base = {s["id"]: s["class_base"] for s in manifest["types"]}
+    for img, meta in samples:
+        assert img.shape == (96, 128, 3) and img.dtype == np.uint8
+        assert set(meta) == {"ref", "type", "name", "level", "param", "seed", "psnr", "class"}
+        assert meta["class"] == base[meta["type"]] + meta["level"] - 1
+
+    # every shard is listed with its true size and hash, and holds whole groups
+    for entry, path in zip(manifest["shards"], shard_paths(out)):
+        assert Path(path).name == entry["name"]
+        assert file_digest(path) == (entry["size"], entry["sha256"])
+        with tarfile.open(path) as tar:
+            names = tar.getnames()
+        assert names == sorted(names)
+        assert entry["planned"] % 5 == 0
+    for group in iter_groups(out):
+        levels = [m["level"] for _, m in group]
+        assert levels == sorted(levels) and len({m["ref"] for _, m in group}) == 1
+
+
+def test_each_sample_replays_from_its_recorded_seed(baseline):
+    out, _ = baseline
+    refs = resolve_refs(None)
+    path_of = dict(zip(refs.ids, refs.paths))
+    checked = 0
+    for img, meta in iter_samples(out):
+        if meta["type"] in (3, 11) and meta["level"] in (1, 5):
+            ref = load_reference(path_of[meta["ref"]], (128, 96))
+            assert np.array_equal(distort(ref, meta["type"], meta["level"], rng=meta["seed"]), img)
+            checked += 1
+    assert checked == N_REFS * 2 * 2
+
+
+def test_loky_and_dask_output_is_byte_identical_to_one_worker(baseline, tmp_path):
+    from dask.distributed import LocalCluster
+    out, manifest = baseline
+    generate(out=str(tmp_path / "loky"), workers=2, backend="loky", progress=False, **JOB)
+    assert _tars(tmp_path / "loky") == _tars(out)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        dask_manifest = generate(out=str(tmp_path / "dask"), backend="dask",
+                                 scheduler=cluster.scheduler_address, progress=False, **JOB)
+    assert _tars(tmp_path / "dask") == _tars(out)
+    assert _without_run(dask_manifest) == _without_run(manifest)
+    assert _without_run(load_manifest(tmp_path / "loky")) == _without_run(manifest)
+
+
+def test_resume_skips_intact_shards_and_redoes_damaged_ones(baseline, tmp_path):
+    out, manifest = baseline
+    first = generate(out=str(tmp_path), workers=1, progress=False, **JOB)
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")}
+    again = generate(out=str(tmp_path), workers=1, progress=False, **JOB)
+    assert again["run"]["shards_resumed"] == first["totals"]["shards"]
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")} == mtimes
+
+    damaged = tmp_path / "shard-000003.tar"
+    damaged.write_bytes(damaged.read_bytes()[:-1] + b"x")  # same size, other hash
+    (tmp_path / "shard-000005.tar").unlink()
+    fixed = generate(out=str(tmp_path), workers=1, progress=False, **JOB)
+    assert fixed["run"]["shards_resumed"] == first["totals"]["shards"] - 2
+    assert _tars(tmp_path) == _tars(out)
+    assert _without_run(fixed) == _without_run(manifest)
+
+
+def test_changed_configuration_is_refused_unless_overwrite(tmp_path):
+    runner = CliRunner()
+    args = ["--out", str(tmp_path), "--distortions", "21", "--resize", "128x96",
+            "--per-shard", "5", "--workers", "1", "--quiet"]
+    assert runner.invoke(gen, args + ["--seed", "7"]).exit_code == 0
+    old = _tars(tmp_path)
+    refused = runner.invoke(gen, args + ["--seed", "8"])
+    assert refused.exit_code == 2
+    assert "different biqa-gen job" in refused.output and "seed: 7 -> 8" in refused.output
+    assert _tars(tmp_path) == old
+    replaced = runner.invoke(gen, args + ["--seed", "8", "--overwrite", "--levels", "1,3"])
+    assert replaced.exit_code == 0, replaced.output
+    manifest = load_manifest(tmp_path)
+    assert manifest["config"]["seed"] == 8 and manifest["levels"] == [1, 3]
+    assert {m["level"] for _, m in iter_samples(tmp_path)} == {1, 3}
+    assert manifest["totals"]["samples"] == N_REFS * 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--levels", "0-3"], "levels run from 1 to 5"),
+    (["--resize", "32x32"], "smaller than the selected distortions need"),
+    (["--resize", "big"], "expected WxH"),
+    (["--distortions", "nope"], "unknown distortion name"),
+    (["--refs", "/no/such/folder"], "no such folder"),
+    (["--scheduler", "tcp://127.0.0.1:1"], "--scheduler needs --backend dask"),
+])
+def test_bad_arguments_are_usage_errors(tmp_path, args, message):
+    result = CliRunner().invoke(gen, ["--out", str(tmp_path / "o"), "--quiet", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_a_failing_shard_is_retried_recorded_and_exits_nonzero(tmp_path):
+    (tmp_path / "stats" / "shard-000001.json").mkdir(parents=True)  # its stats cannot be written
+    args = ["--out", str(tmp_path), "--distortions", "21", "--resize", "128x96",
+            "--per-shard", "5", "--workers", "1"]
+    result = CliRunner().invoke(gen, args)
+    assert result.exit_code == 1
+    assert "shard-000001 failed after 3 attempts" in result.output
+    assert "biqa-gen: failed: 30 images in 6 shards" in result.output  # summary line
+    manifest = load_manifest(tmp_path)
+    assert manifest["status"] == "failed" and manifest["totals"]["shards_failed"] == 1
+    assert [f["shard"] for f in manifest["failed"]] == ["shard-000001"]
+    assert "IsADirectoryError" in manifest["failed"][0]["error"]
+    assert len(manifest["shards"]) == 6  # the others are kept
+    (tmp_path / "stats" / "shard-000001.json").rmdir()
+    resumed = CliRunner().invoke(gen, args + ["--quiet"])
+    assert resumed.exit_code == 0 and "(6 already done)" in resumed.output
+
+
+def test_kill_9_then_rerun_gives_the_uninterrupted_bytes(tmp_path):
+    job = ["--distortions", "19", "--resize", "128x96", "--per-shard", "5", "--seed", "3",
+           "--workers", "1"]
+    expected = generate(out=str(tmp_path / "clean"), distortions="19", resize="128x96",
+                        per_shard=5, seed=3, workers=1, progress=False)
+    clean = _tars(tmp_path / "clean")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(GEN_CMD + job + ["--out", str(out)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((out / "stats").glob("*.json")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "biqa-gen ended before it could be killed"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list((out / "stats").glob("*.json")))
+    assert 1 <= done < len(clean)
+    assert load_manifest(out)["status"] == "incomplete"
+    for name, data in _tars(out).items():  # whatever carries a final name is complete
+        assert data == clean[name]
+
+    rerun = subprocess.run(GEN_CMD + job + ["--out", str(out)], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"({done} already done)" in rerun.stdout
+    assert _tars(out) == clean
+    assert _without_run(load_manifest(out)) == _without_run(expected)
+    assert not list(out.rglob("*.partial"))
+    assert "already done" in rerun.stderr  # plain log lines when not on a terminal
+
+
+def test_folder_format_writes_loose_images(tmp_path):
+    manifest = generate(out=str(tmp_path), distortions="21", levels="2", resize="128x96",
+                        out_format="folder", image_format="webp", workers=1, progress=False)
+    files = sorted(p.name for p in tmp_path.glob("*.webp"))
+    refs = resolve_refs(None)
+    assert files == sorted(f"{r}_21_02.webp" for r in refs.ids)
+    entries = [f for s in manifest["shards"] for f in s["files"]]
+    assert sorted(e["name"] for e in entries) == files
+    for e in entries:
+        assert file_digest(str(tmp_path / e["name"])) == (e["size"], e["sha256"])
+        assert e["meta"]["class"] == 1
+    with pytest.raises(ValueError, match="--format folder"):
+        shard_paths(tmp_path)
+
+
+def test_generator_does_not_import_torch():
+    code = ("import sys, biqa.generator, biqa.generator.preview, biqa.shards.reader, biqa.cli; "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_contact_sheet(tmp_path):
+    out = tmp_path / "sheet.png"
+    ref = resolve_refs(None).paths[0]
+    result = CliRunner().invoke(gen, ["--preview", str(out), "--refs", ref,
+                                      "--distortions", "21,11", "--resize", "256x192"])
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+    sheet = np.asarray(Image.open(out).convert("RGB"))
+    # label column + 5 thumbnails of 192 px; header + reference row + 2 type rows
+    assert sheet.shape[1] == 190 + 5 * 192
+    assert sheet.shape[0] == 22 + 3 * (144 + 14)
+    row = 22 + 2 * (144 + 14)  # white_noise row: its thumbnails differ across levels
+    cells = [sheet[row:row + 144, 190 + c * 192:190 + (c + 1) * 192] for c in range(5)]
+    assert all(c.std() > 10 for c in cells)
+    assert not np.array_equal(cells[0], cells[4])
