@@ -84,6 +84,15 @@ def test_ca_level_without_candidate_is_not_applicable(reference):
         distort(img, "chromatic_aberration", 4)
 
 
+def test_ca_refuses_bad_input_clearly():
+    with pytest.raises(ValueError, match="uint8 H\\*W\\*3"):
+        extras.chromatic_aberration_choice(np.zeros((64, 64), np.uint8))
+    with pytest.raises(ValueError, match="at least 30 px"):
+        extras.chromatic_aberration_choice(np.zeros((20, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="target PSNR"):
+        extras.chromatic_aberration(np.zeros((64, 64, 3), np.uint8), 31, None)
+
+
 # ------------------------------------------------------------ chromatic aberration
 
 def test_ca_shared_blur_equals_the_direct_blur():

@@ -346,6 +346,12 @@ def chromatic_aberration_choice(img: np.ndarray) -> list[CAPick | None]:
     Cached per image (hash of its bytes) so the five levels of one reference
     cost one search.
     """
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"chromatic aberration needs a uint8 H*W*3 image, got "
+                         f"{img.dtype} of shape {img.shape}")
+    if min(img.shape[:2]) < max(CA_BLUR_SIZES):
+        raise ValueError(f"chromatic aberration needs at least {max(CA_BLUR_SIZES)} px "
+                         f"per side (its largest blur kernel), got {img.shape[1]}x{img.shape[0]}")
     img = np.ascontiguousarray(img)
     key = (img.shape, hashlib.blake2b(img.tobytes(), digest_size=16).digest())
     with _CA_LOCK:
@@ -378,6 +384,9 @@ def chromatic_aberration(img: np.ndarray, target_psnr: float,
     Deterministic (``rng`` is unused).  Raises DistortionNotApplicable where the
     search finds no candidate for the level.
     """
+    if target_psnr not in CA_TARGETS:
+        raise ValueError(f"chromatic aberration target PSNR must be one of {CA_TARGETS}, "
+                         f"got {target_psnr!r}")
     level = CA_TARGETS.index(target_psnr)
     pick = chromatic_aberration_choice(img)[level]
     if pick is None:
