@@ -27,10 +27,9 @@ from .spec import DistortionSpec
 KADID_JPEG_SPAN_DB = (38.0, 24.0)
 
 AVIF_SPEED = 8  # libavif/aom 0-10; its default 6 costs up to ~280 ms at 512x384, 8 ~100
-JPEGXL_EFFORT = 5  # libjxl 1-9; its default 7 costs ~2x for a few per cent of rate
+JPEGXL_EFFORT = 5  # libjxl 1-9; its default 7 costs ~2x the time (up to ~135 ms)
 HEIF_X265 = {"preset": "medium", "tune": "ssim", "x265:pools": "none"}
 WEBP_METHOD = 4  # libwebp's default speed/quality trade-off
-
 
 
 def level_targets(floor_db: float) -> tuple[float, ...]:
@@ -50,7 +49,7 @@ def _to_pil(img: np.ndarray) -> Image.Image:
         shape = getattr(img, "shape", None)
         dtype = getattr(img, "dtype", type(img).__name__)
         raise ValueError(f"codecs take uint8 H*W*3 RGB images, got {dtype} {shape}")
-    return Image.fromarray(np.ascontiguousarray(img), "RGB")
+    return Image.fromarray(np.ascontiguousarray(img))
 
 
 def _save(img: np.ndarray, fmt: str, **options) -> bytes:
