@@ -14,7 +14,7 @@ from biqa.distortions import resolve_distortions
 
 from .distribute import Progress, check_backend, default_workers, run_plan
 from .manifest import build_manifest, prepare_out_dir, write_manifest, job_config
-from .plan import JobSettings, Plan
+from .plan import DEFAULT_IMAGE_FORMAT, DEFAULT_PER_SHARD, JobSettings, Plan
 from .refs import resolve_refs
 
 
@@ -41,7 +41,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def make_plan(refs=None, refs_root=None, distortions="all", levels="1-5", out="shards",
-              seed=0, per_shard=500, image_format="png", out_format="webdataset",
+              seed=0, per_shard=DEFAULT_PER_SHARD, image_format=DEFAULT_IMAGE_FORMAT, out_format="webdataset",
               resize=None) -> Plan:
     """Resolve the inputs and plan the job, without touching the output folder."""
     specs = resolve_distortions(distortions)
@@ -55,7 +55,7 @@ def make_plan(refs=None, refs_root=None, distortions="all", levels="1-5", out="s
 
 
 def generate(refs=None, refs_root=None, distortions="all", levels="1-5", out="shards",
-             seed=0, per_shard=500, image_format="png", out_format="webdataset", resize=None,
+             seed=0, per_shard=DEFAULT_PER_SHARD, image_format=DEFAULT_IMAGE_FORMAT, out_format="webdataset", resize=None,
              workers=None, backend="loky", scheduler=None, overwrite=False,
              progress=True) -> dict:
     """Generate (or finish) a distorted-image dataset in ``out``; returns the manifest.

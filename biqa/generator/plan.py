@@ -17,6 +17,10 @@ from .refs import RefTable
 
 OUT_FORMATS = ("webdataset", "folder")
 IMAGE_FORMATS = ("png", "webp")
+# Lossless WebP (fastest method) costs less CPU to encode and decode than PNG and is
+# ~6 % smaller on the bundled refs: see docs/generator.md for the numbers.
+DEFAULT_IMAGE_FORMAT = "webp"
+DEFAULT_PER_SHARD = 500
 
 
 @dataclass(frozen=True)
@@ -28,8 +32,8 @@ class JobSettings:
     type_ids: tuple[int, ...]  # in run order: the class index follows this order
     levels: tuple[int, ...]
     seed: int = 0
-    per_shard: int = 500
-    image_format: str = "png"
+    per_shard: int = DEFAULT_PER_SHARD
+    image_format: str = DEFAULT_IMAGE_FORMAT
     out_format: str = "webdataset"
     resize: tuple[int, int] | None = None
     min_size: int = 1  # the largest min_size of the selected types
