@@ -1,0 +1,274 @@
+"""DPM pre-training end to end on real WebDataset shards: learning, ranking, corrupt samples,
+balanced ranks, checkpoints, kill + resume, 2-process torchrun, KADID evaluation, CLI errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from biqa.data import sample_reference_paths
+from biqa.distortions import distort
+from biqa.generator import generate
+from biqa.training.data import (ShardStream, crop_or_pad, deal_balanced, open_shards,
+                                split_quota, to_ycbcr, worker_plan)
+from biqa.training.pretrain import TrainConfig, load_dpm, train
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Types that a tiny CNN can tell apart on 64x64 crops.
+TYPES = [(1, "gaussian_blur"), (11, "white_noise"), (13, "impulse_noise"), (18, "mean_shift")]
+SIZE = "96x72"
+
+
+def make_shards(out: Path, refs: list[Path], per_shard: int, **options) -> Path:
+    """Real biqa-gen shards of the four types at 96x72 (small, so tests decode fast)."""
+    manifest = generate(refs=[str(r) for r in refs], distortions=",".join(str(t) for t, _ in TYPES),
+                        out=str(out), per_shard=per_shard, resize=SIZE, workers=1,
+                        progress=False, **options)
+    assert manifest["status"] == "complete"
+    return out
+
+
+def corrupt_member(shard: Path, key: str) -> None:
+    """Rewrite ``shard`` with the PNG of ``key`` cut to a third of its bytes."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            if member.name == f"{key}.png":
+                data = data[: len(data) // 3]
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> dict[str, Path]:
+    """Train on five bundled references (three shards of 35/35/30 samples: odd and uneven),
+    validate on the two others."""
+    refs = sample_reference_paths()
+    root = tmp_path_factory.mktemp("shards")
+    return {"train": make_shards(root / "train", refs[:5], 35),
+            "val": make_shards(root / "val", refs[5:], 20)}
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_learns_classes_and_ranking_on_other_references(shards, tmp_path):
+    """Classification + ranking from scratch; validated on references never trained on."""
+    out = tmp_path / "run"
+    summary = train(TrainConfig(
+        shards=str(shards["train"]), val_shards=str(shards["val"]), out=str(out), arch="tiny",
+        epochs=1000, max_steps=200, batch_size=32, lr=0.1, workers=2, input_size=(48, 48),
+        ranking_weight=1.0, log_every=25, save_every=100, shuffle_buffer=64))
+    chance = 1 / 20
+    val = summary["last"]["val"]
+    steps = [r for r in _metrics(out) if r["kind"] == "step"]
+    print(f"val top-1 {val['top1']:.3f} (chance {chance:.3f}), per type {val['per_type']}, "
+          f"pair ranking {val['pair_ranking_acc']:.3f}, rank loss "
+          f"{[round(r['rank_loss'], 3) for r in steps]}")
+    assert val["samples"] == 2 * 20 and val["skipped"] == 0
+    assert val["top1"] >= 3 * chance
+    assert val["pair_ranking_acc"] >= 0.65  # chance: 0.5
+    assert (steps[-1]["rank_loss"] + steps[-2]["rank_loss"]) / 2 < 0.6 * steps[0]["rank_loss"]
+    assert summary["best_acc"] >= val["top1"]
+    assert [r["step"] for r in steps] == list(range(25, 201, 25))
+    assert (steps[-1]["loss"] + steps[-2]["loss"]) / 2 < steps[0]["loss"]
+    assert all(r["images_per_s"] > 0 and r["skipped"] == 0 for r in steps)
+    epochs = [r for r in _metrics(out) if r["kind"] == "epoch"]
+    assert epochs[-1]["step"] == 200 and len(epochs) == -(-200 // summary["steps_per_epoch"])
+    with Image.open(out / "confusion.png") as im:
+        assert im.size[0] == im.size[1] > 20 * 2
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(out / name, weights_only=True)
+        assert {"model", "optimizer", "scheduler", "step", "epoch", "rng", "best_acc",
+                "config"} <= set(state)
+        assert state["config"]["class_table"][1] == {"id": 11, "name": "white_noise",
+                                                     "class_base": 5}
+        assert state["config"]["normalisation"]["mean"] == [0.448, 0.483, 0.491]
+        assert set(state["quality_head"]) == {"weight", "bias"}
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 200
+    model, config = load_dpm(out / "best.pt")
+    assert config["arch"] == "tiny" and model.num_classes == 20
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # no temp files left
+
+
+def test_pairs_share_reference_and_type_at_two_levels(shards):
+    stream = ShardStream(open_shards(str(shards["val"])), (32, 32), 8, train=True, pairs=True,
+                         shuffle_size=16)
+    stream.set_epoch(0)
+    items = list(stream)
+    assert len(items) == stream.steps_per_epoch() * 8
+    for item in items[:50]:
+        labels, levels = item["label"].tolist(), item["level"].tolist()
+        assert labels[0] // 5 == labels[1] // 5 and levels[0] != levels[1]
+        assert item["image"].shape == (2, 3, 32, 32) and item["image"].dtype == torch.uint8
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path):
+    ref = sample_reference_paths()[0]
+    data = make_shards(tmp_path / "bad", [ref], 10, image_format="png")  # 2 shards of 10
+    corrupt_member(data / "shard-000000.tar", f"{ref.stem}_11_03")
+    corrupt_member(data / "shard-000001.tar", f"{ref.stem}_18_05")
+    stream = ShardStream(open_shards(str(data)), (64, 64), 4, train=False)
+    assert len(list(stream)) == 18
+    # training wraps around its shards to fill the quota despite the holes
+    train_stream = ShardStream(open_shards(str(data)), (64, 64), 4, train=True, shuffle_size=8)
+    train_stream.set_epoch(0)
+    items = list(train_stream)
+    assert len(items) == train_stream.steps_per_epoch() * 4 == 20
+    assert sum(int(i["skipped"]) for i in items) >= 2
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_rank_gets_the_same_number_of_batches(world):
+    counts = [50, 7, 130, 64, 64, 3, 99]  # uneven, odd count
+    for workers in (1, 2, 3):
+        for epoch in range(3):
+            per_rank = []
+            for rank in range(world):
+                plans = [worker_plan(counts, world, rank, workers, w, 8,
+                                     np.random.default_rng([0, epoch])) for w in range(workers)]
+                per_rank.append(sum(batches for _, batches in plans))
+                shards_of_rank = sorted(s for ids, _ in plans for s in ids)
+                assert len(set(shards_of_rank)) == len(shards_of_rank)
+            assert len(set(per_rank)) == 1 and per_rank[0] == sum(counts) // (world * 8)
+
+
+def test_dealing_balances_loads():
+    counts = [10, 10, 10, 9, 1, 1, 1]
+    bins = deal_balanced(counts, 2)
+    loads = sorted(sum(counts[i] for i in b) for b in bins)
+    assert loads == [21, 21]
+    assert split_quota(10, [3, 1, 0]) == [8, 2, 0]
+
+
+def test_pixels_ycbcr_and_padding():
+    rgb = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    assert np.array_equal(to_ycbcr(rgb), np.asarray(Image.fromarray(rgb).convert("YCbCr")))
+    padded = crop_or_pad(rgb, (24, 40), 0, 0)
+    assert padded.shape == (24, 40, 3)
+    assert np.array_equal(padded[2:22, 5:35], rgb)
+
+
+@pytest.fixture(scope="module")
+def launcher(tmp_path_factory) -> Path:
+    """A script running the CLI entry point (what the installed ``biqa-train-dpm`` does)."""
+    path = tmp_path_factory.mktemp("bin") / "biqa_train_dpm.py"
+    path.write_text("import sys\nfrom biqa.cli import train_dpm_main\n"
+                    "sys.exit(train_dpm_main())\n")
+    return path
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_kill_and_resume_continues_from_saved_step(shards, tmp_path, launcher):
+    out = tmp_path / "resume"
+    args = [sys.executable, str(launcher), "--shards", str(shards["train"]), "--out", str(out),
+            "--arch", "tiny", "--batch-size", "16", "--input-size", "48x48", "--workers", "0",
+            "--save-every", "5", "--log-every", "5", "--epochs", "1000"]
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if (out / "last.pt").exists() and \
+                    torch.load(out / "last.pt", weights_only=True)["step"] >= 10:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint at step 10 within 120 s")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved_step = torch.load(out / "last.pt", weights_only=True)["step"]
+    lines_before = len(_metrics(out))
+    target = saved_step + 7
+    done = subprocess.run(args + ["--resume", "--max-steps", str(target)], env=_env(),
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed from {out / 'last.pt'} at step {saved_step}" in done.stderr
+    final = torch.load(out / "last.pt", weights_only=True)
+    assert final["step"] == target and final["optimizer"]["state"]  # momentum kept
+    # the schedule continued: lr is the cosine value at epoch target / steps_per_epoch
+    steps_per_epoch = 100 // 16
+    t = target / steps_per_epoch  # below the first restart (8 epochs)
+    expected_lr = 1e-4 + (0.05 - 1e-4) * (1 + math.cos(math.pi * t / 8)) / 2
+    assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected_lr)
+    resumed = [r["step"] for r in _metrics(out)[lines_before:] if r["kind"] == "step"]
+    assert resumed and resumed[0] > saved_step and resumed[-1] == target
+
+
+def test_two_process_torchrun_with_uneven_shards(shards, tmp_path, launcher):
+    out = tmp_path / "ddp"
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2",
+        str(launcher), "--shards", str(shards["train"]), "--out", str(out),
+        "--arch", "tiny", "--batch-size", "16", "--input-size", "48x48", "--workers", "2",
+        "--epochs", "2", "--log-every", "10", "--val-shards", str(shards["val"])]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps_per_epoch = 100 // (2 * 16)
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["step"] == 2 * steps_per_epoch
+    assert state["config"]["num_classes"] == 20
+    records = _metrics(out)
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [0, 1]
+    assert records[-1]["val"]["samples"] == 40
+
+
+def test_kadid_folder_evaluation(shards, tmp_path):
+    root = tmp_path / "kadid"
+    (root / "images").mkdir(parents=True)
+    ref = np.asarray(Image.open(sample_reference_paths()[6]).convert("RGB"))[:96, :96]
+    rows = ["dist_img,ref_img,dmos,var"]
+    for kind in (1, 11, 13, 18, 2):  # type 2 is not in the class table: left out
+        for level in range(1, 6):
+            name = f"I01_{kind:02d}_{level:02d}.png"
+            image = distort(ref, kind, level, rng=level) if kind != 2 else ref
+            Image.fromarray(image).save(root / "images" / name)
+            rows.append(f"{name},I01.png,3.0,0.1")
+    (root / "dmos.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "k"
+    summary = train(TrainConfig(shards=str(shards["val"]), out=str(out), arch="tiny",
+                                max_steps=3, batch_size=8, workers=0, input_size=(64, 64),
+                                kadid_root=str(root)))
+    kadid = summary["last"]["kadid10k"]
+    assert kadid["samples"] == 20 and set(kadid["per_type"]) == {n for _, n in TYPES}
+    assert (out / "confusion_kadid10k.png").is_file()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--input-size", "64"], "WIDTHxHEIGHT"),
+    (["--input-size", "16x16"], "at least 32"),
+    (["--shards", "/nonexistent/x-{0..3}.tar"], "manifest"),
+    (["--ranking-weight", "1", "--batch-size", "7"], "even"),
+])
+def test_cli_rejects_bad_input(shards, tmp_path, launcher, bad, message):
+    args = ["--shards", str(shards["val"]), "--out", str(tmp_path / "o"), "--arch", "tiny",
+            "--device", "cpu"]
+    for i in range(0, len(bad), 2):
+        if bad[i] in args:
+            args[args.index(bad[i]) + 1] = bad[i + 1]
+        else:
+            args += bad[i:i + 2]
+    done = subprocess.run([sys.executable, str(launcher), *args], env=_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-1500:]
+    assert not (tmp_path / "o" / "last.pt").exists()
