@@ -107,5 +107,76 @@ def gen_main() -> None:
 # ============================================================ biqa-train-dpm (training)
 # (section owned by the DPM training work: biqa.training.pretrain)
 
+
+def _train_input_size(ctx, param, value: str | None):
+    """'WxH' -> (W, H); every size flag in biqa is width x height."""
+    if value is None:
+        return None
+    try:
+        width, height = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected WIDTHxHEIGHT such as 384x288, got {value!r}")
+    if width < 32 or height < 32:
+        raise click.BadParameter(f"{value}: width and height must be at least 32")
+    return width, height
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--shards", required=True, help="Shard folder (with manifest.json) or brace URL pattern.")
+@click.option("--val-shards", default=None, help="Held-out shards for validation (same type table).")
+@click.option("--out", default="runs/dpm", show_default=True, type=click.Path(file_okay=False),
+              help="Output folder: last.pt, best.pt, metrics.jsonl, confusion.png.")
+@click.option("--arch", default="botnet50", show_default=True,
+              type=click.Choice(["botnet50", "resnet50", "resnet18", "tiny"]))
+@click.option("--epochs", default=40, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-steps", default=None, type=click.IntRange(min=1), help="Stop after N steps.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images per step and process.")
+@click.option("--lr", default=0.05, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0),
+              help="DataLoader workers per process.")
+@click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]),
+              help="Default: cuda when available.")
+@click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA (bf16 where supported).")
+@click.option("--ranking-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Weight of the pairwise quality ranking loss (0: off).")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt if it exists.")
+@click.option("--input-size", default="384x288", show_default=True, callback=_train_input_size,
+              help="Training crop, WIDTHxHEIGHT.")
+@click.option("--init-weights", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="torchvision-format ImageNet state dict (resnet*/botnet50).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--log-every", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--save-every", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--kadid-root", default=None, type=click.Path(exists=True, file_okay=False),
+              help="KADID-10k folder (dmos.csv, images/) to evaluate on each epoch.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--shuffle-buffer", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Samples (pairs with ranking) held by each worker's shuffle buffer.")
+def train_dpm_main(shards, val_shards, out, arch, epochs, max_steps, batch_size, lr, workers,
+                   device, amp, ranking_weight, resume, input_size, init_weights, compile_,
+                   log_every, save_every, kadid_root, seed, shuffle_buffer):
+    """Pre-train the distortion perception model on biqa-gen shards (VIPNet's recipe by
+    default); run under torchrun for data parallelism."""
+    import logging
+
+    from biqa.training.pretrain import TrainConfig, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = TrainConfig(
+        shards=shards, val_shards=val_shards, out=out, arch=arch, epochs=epochs,
+        max_steps=max_steps, batch_size=batch_size, lr=lr, workers=workers, device=device,
+        amp=amp, ranking_weight=ranking_weight, resume=resume, input_size=input_size,
+        init_weights=init_weights, compile=compile_, log_every=log_every,
+        save_every=save_every, kadid_root=kadid_root, seed=seed, shuffle_buffer=shuffle_buffer)
+    try:
+        summary = train(config)
+    except ValueError as exc:
+        raise click.UsageError(str(exc))
+    if summary["rank"] == 0:
+        click.echo(f"done: {summary['steps']} steps, best accuracy {summary['best_acc']:.4f}, "
+                   f"checkpoint {summary['last_checkpoint']}")
+
+
 # ================================================== biqa-finetune / biqa-score (finetune)
 # (section owned by the fine-tuning work: biqa.training.finetune)
