@@ -19,9 +19,11 @@ from biqa.data import sample_reference_paths
 from biqa.distortions import distort
 from biqa.training.iqa_datasets import (DatasetError, load_dataset, split_by_content)
 
-TOY_SIZE = (96, 72)  # width, height
+TOY_SIZE = (96, 72)  # width, height of each toy reference
+TOY_LEVELS = (1, 3, 5)
 TOY_TYPES = {"gaussian_blur": {"tid": 8, "kadid": 1, "live": "gblur", "csiq": "BLUR"},
              "white_noise": {"tid": 1, "kadid": 11, "live": "wn", "csiq": "AWGN"}}
+N_REFS = 28  # the 7 bundled references, each cut into 4 quadrants
 
 
 def _mos(level: int, rng: np.random.Generator) -> float:
@@ -29,18 +31,32 @@ def _mos(level: int, rng: np.random.Generator) -> float:
     return float(5.0 - 0.8 * (level - 1) + rng.normal(0, 0.15))
 
 
-@pytest.fixture(scope="session")
-def toy_samples():
-    """(ref index, ref image, type name, level, distorted image, mos) for 7 refs x 2 types x 5 levels."""
+def toy_references() -> list[np.ndarray]:
+    """The bundled references, shrunk to twice TOY_SIZE and cut into quadrants."""
+    w, h = TOY_SIZE
+    out = []
+    for path in sample_reference_paths():
+        big = np.asarray(Image.open(path).convert("RGB").resize((2 * w, 2 * h),
+                                                                Image.Resampling.BOX))
+        out += [big[y:y + h, x:x + w].copy() for y in (0, h) for x in (0, w)]
+    return out
+
+
+def make_toy_samples() -> list[tuple]:
+    """(ref number, ref, type name, level, distorted image, mos): 28 refs x 2 types x 3 levels."""
     rng = np.random.default_rng(2024)
     out = []
-    for r, path in enumerate(sample_reference_paths(), 1):
-        ref = np.asarray(Image.open(path).convert("RGB").resize(TOY_SIZE, Image.Resampling.BOX))
+    for r, ref in enumerate(toy_references(), 1):
         for kind in TOY_TYPES:
-            for level in range(1, 6):
+            for level in TOY_LEVELS:
                 image = distort(ref, kind, level, rng=int(rng.integers(2**31)))
                 out.append((r, ref, kind, level, image, _mos(level, rng)))
     return out
+
+
+@pytest.fixture(scope="session")
+def toy_samples():
+    return make_toy_samples()
 
 
 def _save(path, image) -> None:
@@ -149,10 +165,10 @@ WRITERS = {"tid2013": write_tid2013, "kadid10k": write_kadid10k, "live": write_l
            "csv": write_csv}
 
 # name -> (images, content groups, higher is better, has types)
-EXPECTED = {"tid2013": (70, 7, True, True), "kadid10k": (70, 7, True, True),
-            "live": (70, 7, False, True), "csiq": (70, 7, False, True),
-            "livec": (63, 63, True, False), "koniq10k": (70, 70, True, False),
-            "csv": (70, 7, True, True)}
+EXPECTED = {"tid2013": (168, 28, True, True), "kadid10k": (168, 28, True, True),
+            "live": (168, 28, False, True), "csiq": (168, 28, False, True),
+            "livec": (161, 161, True, False), "koniq10k": (168, 168, True, False),
+            "csv": (168, 28, True, True)}
 
 
 @pytest.fixture(scope="session")
@@ -184,13 +200,13 @@ def test_layout_parses(name, toy_roots, toy_samples):
 
 def test_tid2013_groups_by_reference_and_names_types(toy_roots):
     data = load_dataset("tid2013", toy_roots["tid2013"])
-    assert sorted(set(data.groups)) == [f"i{r:02d}" for r in range(1, 8)]
+    assert sorted(set(data.groups)) == [f"i{r:02d}" for r in range(1, N_REFS + 1)]
     assert set(data.types) == {"additive_gaussian_noise", "gaussian_blur"}
 
 
 def test_live_leaves_out_undistorted_copies(toy_roots):
     data = load_dataset("live", toy_roots["live"])
-    assert all(s > 0 for s in data.scores)  # the 7 orgs (DMOS 0) are gone
+    assert all(s > 0 for s in data.scores)  # the 28 orgs (DMOS 0) are gone
     assert set(data.types) == {"wn", "gblur"}
 
 
@@ -201,7 +217,7 @@ def test_livec_leaves_out_practice_images(toy_roots):
 
 def test_root_from_environment(toy_roots, monkeypatch):
     monkeypatch.setenv("BIQA_DATA", str(toy_roots["csiq"].parent))
-    assert len(load_dataset("csiq")) == 70
+    assert len(load_dataset("csiq")) == 168
     monkeypatch.delenv("BIQA_DATA")
     with pytest.raises(DatasetError, match="BIQA_DATA"):
         load_dataset("csiq")
@@ -214,7 +230,7 @@ def test_split_is_disjoint_by_reference_and_covers_everything(toy_roots, round_i
     parts = [set(np.asarray(data.groups)[p]) for p in (split.train, split.val, split.test)]
     assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
     assert sorted(np.concatenate([split.train, split.val, split.test])) == list(range(len(data)))
-    assert [len(p) for p in parts] == [5, 1, 1]
+    assert [len(p) for p in parts] == [19, 3, 6]
 
 
 def test_split_depends_only_on_groups_and_seed(toy_roots, tmp_path):

@@ -1,0 +1,44 @@
+"""``biqa-score``: a fine-tuned VIPNet's quality score for image files, batched, CPU or GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .finetune import LabelScale, load_model, predict, resolve_device
+
+IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"}
+
+
+def image_files(items) -> list[Path]:
+    """Files as given, and the images inside folders (recursively, sorted)."""
+    out = []
+    for item in map(Path, items):
+        if item.is_dir():
+            out += sorted(p for p in item.rglob("*")
+                          if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            out.append(item)
+        else:
+            raise ValueError(f"{item}: no such file or folder")
+    if not out:
+        raise ValueError("no images found in " + ", ".join(map(str, items)))
+    return out
+
+
+def score_images(model_path, paths, batch_size: int = 32, patches: int | None = None,
+                 device: str = "auto", workers: int = 0,
+                 chunk: int = 256) -> Iterator[tuple[Path, float]]:
+    """(path, score) per image, on the training dataset's scale, ``chunk`` images at a
+    time so that a long list starts printing at once."""
+    dev = resolve_device(device)
+    model, config = load_model(model_path, map_location="cpu")
+    model.to(dev)
+    scale = LabelScale(**config["label"])
+    n = patches or config["patches"]
+    for start in range(0, len(paths), chunk):
+        part = paths[start:start + chunk]
+        quality = predict(model, part, tuple(config["patch_size"]), n, dev, batch_size, workers)
+        yield from zip(part, np.asarray(scale.scores(quality)).tolist())
