@@ -180,3 +180,122 @@ def train_dpm_main(shards, val_shards, out, arch, epochs, max_steps, batch_size,
 
 # ================================================== biqa-finetune / biqa-score (finetune)
 # (section owned by the fine-tuning work: biqa.training.finetune)
+
+
+def _patch_size(ctx, param, value: str):
+    """'WxH' -> (W, H) for --patch-size."""
+    try:
+        width, height = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected WIDTHxHEIGHT such as 384x288, got {value!r}")
+    if width < 16 or height < 16:
+        raise click.BadParameter(f"{value}: width and height must be at least 16")
+    return width, height
+
+
+def _cross_datasets(ctx, param, values) -> dict:
+    """NAME=DIR (or NAME, read from $BIQA_DATA/NAME) -> {name: root or None}."""
+    from biqa.training.iqa_datasets import DATASET_NAMES
+    out = {}
+    for value in values:
+        name, _, root = value.partition("=")
+        if name not in DATASET_NAMES:
+            raise click.BadParameter(f"{value!r}: dataset must be one of {', '.join(DATASET_NAMES)}")
+        out[name] = root or None
+    return out
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--dataset", required=True,
+              type=click.Choice(["tid2013", "kadid10k", "live", "csiq", "livec", "koniq10k", "csv"]),
+              help="Dataset to fine-tune and test on (layouts: docs/datasets.md).")
+@click.option("--root", default=None, type=click.Path(file_okay=False),
+              help="Dataset folder [default: $BIQA_DATA/<dataset>].")
+@click.option("--dpm", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="biqa-train-dpm checkpoint for the frozen distortion branch; without it the "
+                   "branch (--dpm-arch) is trained from scratch and the results say so.")
+@click.option("--dpm-arch", default="botnet50", show_default=True,
+              type=click.Choice(["botnet50", "resnet50", "resnet18", "tiny"]),
+              help="Distortion branch trained from scratch when no --dpm is given.")
+@click.option("--cpm-arch", default="resnet50", show_default=True,
+              type=click.Choice(["resnet50", "resnet18", "tiny"]), help="Content branch.")
+@click.option("--cpm-weights", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="torchvision-format ImageNet state dict for the content branch.")
+@click.option("--rounds", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Train/test rounds, each with its own reference-disjoint split.")
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--patches", default=12, show_default=True, type=click.IntRange(min=1),
+              help="Random patches per image per epoch in training; fixed crops averaged at test.")
+@click.option("--patch-size", default="384x288", show_default=True, callback=_patch_size,
+              help="Patch WIDTHxHEIGHT.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Patches per step.")
+@click.option("--lr", default=5e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--weight-decay", default=5e-4, show_default=True, type=click.FloatRange(min=0))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seeds the splits, crops and initialisation of every round.")
+@click.option("--val-fraction", default=0.1, show_default=True,
+              type=click.FloatRange(0, 1, max_open=True),
+              help="Share of the references, taken from the training part, that picks the epoch.")
+@click.option("--select-on-test", is_flag=True,
+              help="Pick the epoch on the test part (the published code's optimistic protocol; "
+                   "labelled as such in results.json).")
+@click.option("--logistic/--no-logistic", default=True, show_default=True,
+              help="PLCC and RMSE after the 4-parameter logistic fit.")
+@click.option("--cross", multiple=True, callback=_cross_datasets, metavar="NAME=DIR",
+              help="Also test each round's model on this dataset (repeatable).")
+@click.option("--out", default="runs/finetune", show_default=True, type=click.Path(file_okay=False))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0),
+              help="DataLoader worker processes.")
+def finetune(dataset, root, dpm, dpm_arch, cpm_arch, cpm_weights, rounds, epochs, patches,
+             patch_size, batch_size, lr, weight_decay, seed, val_fraction, select_on_test,
+             logistic, cross, out, device, workers):
+    """Fine-tune VIPNet on an IQA dataset over reference-disjoint rounds; writes
+    OUT/results.json, OUT/round_NN/best.pt and a per-type SRCC plot."""
+    from biqa.training.finetune import FinetuneConfig, run_finetune, summary_table
+    from biqa.training.iqa_datasets import DatasetError
+    cfg = FinetuneConfig(dataset=dataset, root=root, out=out, dpm=dpm, dpm_arch=dpm_arch,
+                         cpm_arch=cpm_arch, cpm_weights=cpm_weights, rounds=rounds, epochs=epochs,
+                         patches=patches, patch_size=patch_size, batch_size=batch_size, lr=lr,
+                         weight_decay=weight_decay, seed=seed, val_fraction=val_fraction,
+                         select_on_test=select_on_test, logistic=logistic, cross=cross,
+                         device=device, workers=workers)
+    try:
+        results = run_finetune(cfg, say=lambda line: click.echo(line, err=True))
+    except (DatasetError, ValueError) as exc:
+        raise click.UsageError(str(exc))
+    click.echo(summary_table(results))
+    click.echo(f"results: {out}/results.json")
+
+
+def finetune_main() -> None:
+    """Console entry point of ``biqa-finetune``."""
+    finetune()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A round's best.pt written by biqa-finetune.")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Patches per forward pass.")
+@click.option("--patches", default=None, type=click.IntRange(min=1),
+              help="Fixed crops averaged per image [default: the model's].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0))
+def score(model_path, images, batch_size, patches, device, workers):
+    """Print 'PATH<TAB>SCORE' for every image (folders are searched recursively), on the
+    training dataset's score scale (its direction: for DMOS datasets lower is better)."""
+    from biqa.training.score import image_files, score_images
+    try:
+        paths = image_files(images)
+        for path, value in score_images(model_path, paths, batch_size, patches, device, workers):
+            click.echo(f"{path}\t{value:.6f}")
+    except ValueError as exc:
+        raise click.UsageError(str(exc))
+
+
+def score_main() -> None:
+    """Console entry point of ``biqa-score``."""
+    score()
