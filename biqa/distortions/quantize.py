@@ -39,8 +39,9 @@ def _wu_moments(rgb8: np.ndarray) -> np.ndarray:
 
 
 def _slab_moments(m: np.ndarray, box: tuple[int, ...], axis: int) -> np.ndarray:
-    """Moments of the part of ``box`` below each plane lo..hi along ``axis``, not yet
-    minus the part below lo: row x - row 0 is the box cut at x.  Shape (hi-lo+1, 5)."""
+    """Prefix moments of the box's cross-section range at every plane lo..hi along
+    ``axis``, shape (hi-lo+1, 5): row k minus row 0 is the part of the box with
+    cells up to plane lo+k, i.e. the lower half of a cut there."""
     others = [a for a in range(3) if a != axis]
     total = 0
     for corner, sign in (((1, 1), 1), ((1, 0), -1), ((0, 1), -1), ((0, 0), 1)):
