@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from ._matlab import im2uint8
+from .noise import white_noise
 
 # Filter strength per unit of noise sigma (8-bit units): the PSNR-best of the
 # values measured on the bundled references (0.8 .. 1.5), on the smooth side.
@@ -23,13 +24,6 @@ NLM_STRENGTH = 1.2
 # Patch and search window: the largest pair under ~100 ms at 512x384 on one core.
 NLM_PATCH = 5
 NLM_SEARCH = 7
-
-
-def add_white_noise(img: np.ndarray, variance: float, rng: np.random.Generator) -> np.ndarray:
-    """MATLAB ``imnoise(I, 'gaussian', 0, var)`` on a double image: add N(0, var) to
-    every element, clip to [0, 1]."""
-    noise = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(math.sqrt(variance))
-    return np.clip(img + noise, 0.0, 1.0)
 
 
 def nlm_denoise(rgb8: np.ndarray, sigma8: float) -> np.ndarray:
@@ -46,6 +40,6 @@ def nlm_denoise(rgb8: np.ndarray, sigma8: float) -> np.ndarray:
 
 def denoise(img: np.ndarray, variance: float, rng: np.random.Generator) -> np.ndarray:
     """Type 15: white noise of ``variance``, then non-local-means denoising."""
-    noisy = add_white_noise(img, float(variance), rng)
+    noisy = white_noise(img, float(variance), rng)  # MATLAB imnoise: add, clip
     sigma8 = 255.0 * math.sqrt(variance)
     return nlm_denoise(im2uint8(noisy), sigma8).astype(np.float32) / np.float32(255.0)
