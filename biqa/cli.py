@@ -41,7 +41,7 @@ import click
               help="Dask scheduler, e.g. tcp://10.0.0.1:8786 (with --backend dask; without "
                    "it a loopback LocalCluster is started). Workers must see --out and the "
                    "references at the same paths.")
-@click.option("--per-shard", default=500, show_default=True, type=click.IntRange(min=1),
+@click.option("--per-shard", default=200, show_default=True, type=click.IntRange(min=1),
               help="Samples per shard, rounded down to a multiple of the number of levels.")
 @click.option("--image-format", default="webp", show_default=True,
               type=click.Choice(["png", "webp"]),

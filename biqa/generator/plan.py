@@ -20,7 +20,9 @@ IMAGE_FORMATS = ("png", "webp")
 # Lossless WebP (fastest method) costs less CPU to encode and decode than PNG and is
 # ~6 % smaller on the bundled refs: see docs/generator.md for the numbers.
 DEFAULT_IMAGE_FORMAT = "webp"
-DEFAULT_PER_SHARD = 500
+# 200 samples of 512x384 are ~55 MB of WebP: big enough for streaming, small enough
+# that even the default 7-reference job splits into 7 parallel tasks.
+DEFAULT_PER_SHARD = 200
 
 
 @dataclass(frozen=True)
