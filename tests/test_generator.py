@@ -244,3 +244,23 @@ def test_contact_sheet(tmp_path):
     cells = [sheet[row:row + 144, 190 + c * 192:190 + (c + 1) * 192] for c in range(5)]
     assert all(c.std() > 10 for c in cells)
     assert not np.array_equal(cells[0], cells[4])
+
+
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise():
+    import io
+    from biqa.generator.distribute import Progress
+    results = [{"shard": f"shard-00000{i}", "status": s, "planned": 10, "resumed": False}
+               for i, s in enumerate(["complete", "failed", "complete"])]
+    for tty in (True, False):
+        stream = io.StringIO()
+        progress = Progress(30, 3, stream=stream, tty=tty)
+        for r in results:
+            progress.update(r)
+        progress.close()
+        text = stream.getvalue()
+        if tty:
+            assert "30/30" in text and "img/s" in text and "failed=1" in text
+        else:
+            lines = text.splitlines()
+            assert len(lines) == 3 and "shard-000001 failed" in lines[1]
+            assert "3/3 shards, 30/30 images" in lines[2] and "images/s, ETA" in lines[2]
