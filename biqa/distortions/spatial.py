@@ -19,15 +19,16 @@ def jitter(img: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarr
     replicate-padded image (the original pads rows by the x-range and columns by the
     y-range; a sample outside the padded grid becomes NaN, then black)."""
     h, w, _ = img.shape
-    out = img
+    planes = np.ascontiguousarray(np.moveaxis(img, 2, 0))
     rows, cols = np.mgrid[1:h + 1, 1:w + 1].astype(np.float32)
     for _ in range(5):
         shifts = rng.standard_normal((2, h, w), dtype=np.float32) * np.float32(amount)
         sy, sx = shifts[0], shifts[1]
         pad_r = math.ceil(np.max(np.abs(sx)))
         pad_c = math.ceil(np.max(np.abs(sy)))
-        padded = np.pad(out, ((pad_r, pad_r), (pad_c, pad_c), (0, 0)), mode="edge")
-        out = interp2_cubic(padded, cols + pad_c - sx, rows + pad_r - sy)
+        padded = np.pad(planes, ((0, 0), (pad_r, pad_r), (pad_c, pad_c)), mode="edge")
+        planes = interp2_cubic(padded, cols + pad_c - sx, rows + pad_r - sy)
+    out = np.moveaxis(planes, 0, 2)
     return np.nan_to_num(out, nan=0.0)
 
 
