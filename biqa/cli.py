@@ -43,13 +43,13 @@ import click
                    "references at the same paths.")
 @click.option("--per-shard", default=200, show_default=True, type=click.IntRange(min=1),
               help="Samples per shard, rounded down to a multiple of the number of levels.")
-@click.option("--image-format", default="webp", show_default=True,
-              type=click.Choice(["png", "webp"]),
-              help="Lossless encoding of the images (WebP: cheaper to encode and decode, "
-                   "and smaller; see docs/generator.md).")
+@click.option("--image-format", default=None, type=click.Choice(["png", "webp"]),
+              help="Lossless encoding of the images. Default: webp for shards (cheaper to "
+                   "encode and decode than PNG, and smaller; see docs/generator.md), png "
+                   "with --format folder.")
 @click.option("--format", "out_format", default="webdataset", show_default=True,
               type=click.Choice(["webdataset", "folder"]),
-              help="Tar shards, or loose OUT/<ref>_<TT>_<LL>.webp|png files.")
+              help="Tar shards, or loose OUT/<ref>_<TT>_<LL>.png files.")
 @click.option("--resize", default=None, metavar="WxH",
               help="Scale each reference to cover WxH and centre-crop it first.")
 @click.option("--overwrite", is_flag=True,

@@ -3,7 +3,6 @@ workers=1, loky and a real Dask LocalCluster, resume, refusal, failure, kill -9 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -208,7 +207,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_bytes(tmp_path):
 
 def test_folder_format_writes_loose_images(tmp_path):
     manifest = generate(out=str(tmp_path), distortions="21", levels="2", resize="128x96",
-                        out_format="folder", image_format="png", workers=1, progress=False)
+                        out_format="folder", workers=1, progress=False)
     files = sorted(p.name for p in tmp_path.glob("*.png"))
     refs = resolve_refs(None)
     assert files == sorted(f"{r}_21_02.png" for r in refs.ids)

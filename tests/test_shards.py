@@ -1,4 +1,4 @@
-"""Tar writing and reading: reproducible bytes, atomic publication, lossless codecs, clear errors."""
+"""Tar writing and reading: reproducible bytes, atomic publication, lossless codecs, errors."""
 
 from __future__ import annotations
 

@@ -41,10 +41,16 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def make_plan(refs=None, refs_root=None, distortions="all", levels="1-5", out="shards",
-              seed=0, per_shard=DEFAULT_PER_SHARD, image_format=DEFAULT_IMAGE_FORMAT, out_format="webdataset",
+              seed=0, per_shard=DEFAULT_PER_SHARD, image_format=None, out_format="webdataset",
               resize=None) -> Plan:
-    """Resolve the inputs and plan the job, without touching the output folder."""
+    """Resolve the inputs and plan the job, without touching the output folder.
+
+    ``image_format=None`` means WebP in shards and PNG for ``out_format="folder"``,
+    the loose layout older loaders read.
+    """
     specs = resolve_distortions(distortions)
+    if image_format is None:
+        image_format = "png" if out_format == "folder" else DEFAULT_IMAGE_FORMAT
     settings = JobSettings(
         out_dir=os.path.abspath(out), type_ids=tuple(s.id for s in specs),
         levels=parse_levels(levels) if isinstance(levels, str) else tuple(levels),
@@ -55,8 +61,8 @@ def make_plan(refs=None, refs_root=None, distortions="all", levels="1-5", out="s
 
 
 def generate(refs=None, refs_root=None, distortions="all", levels="1-5", out="shards",
-             seed=0, per_shard=DEFAULT_PER_SHARD, image_format=DEFAULT_IMAGE_FORMAT, out_format="webdataset", resize=None,
-             workers=None, backend="loky", scheduler=None, overwrite=False,
+             seed=0, per_shard=DEFAULT_PER_SHARD, image_format=None, out_format="webdataset",
+             resize=None, workers=None, backend="loky", scheduler=None, overwrite=False,
              progress=True) -> dict:
     """Generate (or finish) a distorted-image dataset in ``out``; returns the manifest.
 
