@@ -129,15 +129,16 @@ def test_finetune_cross_score_and_resume(toy_data, dpm_checkpoint, tmp_path):
     out = tmp_path / "run"
     args = ["--dataset", "tid2013", "--root", str(toy_data["tid2013"]), "--dpm", str(dpm_checkpoint),
             "--cpm-arch", "tiny", "--rounds", "2", "--epochs", "6", "--patches", "3",
-            "--patch-size", "64x48", "--batch-size", "16", "--lr", "2e-3",
+            "--patch-size", "64x48", "--batch-size", "8", "--lr", "1e-3",
             "--cross", f"live={toy_data['live']}", "--out", str(out), "--workers", "0",
             "--device", "cpu"]
     first = CliRunner().invoke(finetune, args)
     assert first.exit_code == 0, first.output
     results = json.loads((out / "results.json").read_text())
     assert len(results["rounds"]) == 2
-    assert results["median_srcc"] > 0.8 and results["median_plcc"] > 0.8
-    assert results["cross"]["live"]["median_srcc"] > 0.7  # LIVE's DMOS: direction handled
+    summary = {k: results[k] for k in ("median_srcc", "median_plcc", "cross")}
+    assert results["median_srcc"] > 0.8 and results["median_plcc"] > 0.8, summary
+    assert results["cross"]["live"]["median_srcc"] > 0.7, summary  # LIVE's DMOS: direction handled
     assert set(results["median_per_type_srcc"]) == {"additive_gaussian_noise", "gaussian_blur"}
     assert "validation" in results["protocol"]["selection"]
     assert "frozen" in results["protocol"]["dpm"]

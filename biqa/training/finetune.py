@@ -271,11 +271,16 @@ class FinetuneConfig:
 
 
 def resolve_device(name: str) -> torch.device:
+    """'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N', refused clearly otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name} requested but CUDA is not available")
-    return torch.device(name)
+    return device
 
 
 def protocol_labels(cfg: FinetuneConfig) -> dict:
@@ -313,11 +318,31 @@ def _seed_torch(seed: int, round_index: int) -> int:
     return int(np.random.SeedSequence([seed, round_index, 1]).generate_state(1)[0])
 
 
+def train_epoch(model: VIPNet, optimiser, loader, device: torch.device,
+                desc: str = "train") -> list[float]:
+    """One pass over the training patches (L1 loss on standardised quality); the losses."""
+    model.train()
+    losses = []
+    for crops, target in tqdm(loader, desc=desc, disable=not sys.stderr.isatty(), leave=False):
+        with _autocast(device):
+            q = model(crops.to(device, non_blocking=True))
+        loss = nn.functional.l1_loss(q.float(), target.to(device))
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    return losses
+
+
 def train_round(cfg: FinetuneConfig, data: IQADataset, split: Split, round_index: int,
                 device: torch.device, say=log.info) -> tuple[VIPNet, dict, dict]:
     """Fine-tune one round; returns the selected model, its config and the epoch log."""
     train, val, test = data.subset(split.train), data.subset(split.val), data.subset(split.test)
     select = test if cfg.select_on_test else val
+    if len(select) < 3:
+        raise ValueError(f"the {'test' if cfg.select_on_test else 'validation'} part of round "
+                         f"{round_index} has {len(select)} images; at least 3 are needed to "
+                         "rank epochs (raise --val-fraction or use more data)")
     scale = LabelScale.fit(train)
     model, config = build_vipnet(cfg.cpm_arch, cfg.cpm_weights, cfg.dpm, cfg.dpm_arch,
                                  tuple(cfg.patch_size))
@@ -336,17 +361,7 @@ def train_round(cfg: FinetuneConfig, data: IQADataset, split: Split, round_index
         loader = DataLoader(patches, batch_size=cfg.batch_size, num_workers=cfg.workers,
                             sampler=order_rng.permutation(len(patches)).tolist(),
                             pin_memory=device.type == "cuda")
-        model.train()
-        losses = []
-        for crops, target in tqdm(loader, desc=f"round {round_index} epoch {epoch}",
-                                  disable=not sys.stderr.isatty(), leave=False):
-            with _autocast(device):
-                q = model(crops.to(device, non_blocking=True))
-            loss = nn.functional.l1_loss(q.float(), target.to(device))
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            losses.append(loss.item())
+        losses = train_epoch(model, optimiser, loader, device, f"round {round_index} epoch {epoch}")
         schedule.step()
         quality = predict(model, select.paths, cfg.patch_size, cfg.patches, device,
                           cfg.batch_size, cfg.workers)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from biqa.distortions import get as get_distortion
+
 DATASET_NAMES = ("tid2013", "kadid10k", "live", "csiq", "livec", "koniq10k", "csv")
 
 TID2013_TYPES = (
@@ -35,12 +37,8 @@ TID2013_TYPES = (
     "lossy_compression_of_noisy_images", "color_quantization_with_dither",
     "chromatic_aberrations", "sparse_sampling_and_reconstruction")
 
-KADID10K_TYPES = (
-    "gaussian_blur", "lens_blur", "motion_blur", "color_diffusion", "color_shift",
-    "color_quantization", "color_saturation_hsv", "color_saturation_lab", "jpeg2000", "jpeg",
-    "white_noise", "white_noise_color", "impulse_noise", "multiplicative_noise", "denoise",
-    "brighten", "darken", "mean_shift", "jitter", "non_eccentricity_patch", "pixelate",
-    "quantization", "color_block", "high_sharpen", "contrast_change")
+# KADID-10k's types are biqa's distortion types 1..25, under the registry's names.
+KADID10K_TYPES = tuple(get_distortion(i).name for i in range(1, 26))
 
 LIVE_TYPE_FOLDERS = ("jp2k", "jpeg", "wn", "gblur", "fastfading")  # the order of dmos_realigned.mat
 
