@@ -113,6 +113,17 @@ def test_frozen_branches_stay_frozen_in_train_mode(dpm_checkpoint):
     assert not torch.equal(head_before, model.head.weight)
 
 
+def test_content_branch_loads_torchvision_format_weights(tmp_path):
+    source = create_model("resnet18")
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    model, config = build_vipnet("resnet18", cpm_weights=path, dpm=None, dpm_arch="tiny",
+                                 patch_size=PATCH)
+    assert config["cpm_weights"] == str(path)
+    loaded = model.cpm.backbone.state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in source.state_dict().items())
+
+
 def test_without_dpm_the_distortion_branch_trains():
     model, config = build_vipnet("tiny", dpm=None, dpm_arch="tiny", patch_size=PATCH)
     assert config["dpm"] is None
@@ -134,6 +145,7 @@ def test_finetune_cross_score_and_resume(toy_data, dpm_checkpoint, tmp_path):
             "--device", "cpu"]
     first = CliRunner().invoke(finetune, args)
     assert first.exit_code == 0, first.output
+    assert "median" in first.output and "live SRCC" in first.output  # the summary table
     results = json.loads((out / "results.json").read_text())
     assert len(results["rounds"]) == 2
     summary = {k: results[k] for k in ("median_srcc", "median_plcc", "cross")}
@@ -160,6 +172,10 @@ def test_finetune_cross_score_and_resume(toy_data, dpm_checkpoint, tmp_path):
     values = np.array([float(v) for _, v in lines])
     assert srcc(values, test.scores) > 0.7
     assert 0 < values.mean() < 6  # on TID2013's own MOS scale
+    folder = CliRunner().invoke(score, ["--model", str(out / "round_01" / "best.pt"),
+                                        "--device", "cpu", str(toy_data["live"] / "wn")])
+    assert folder.exit_code == 0, folder.output
+    assert len(folder.output.strip().splitlines()) == 84  # every image of the folder
 
     # an interrupted or repeated run reuses the finished rounds and gives the same results
     second = CliRunner().invoke(finetune, args)
