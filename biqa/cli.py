@@ -148,6 +148,8 @@ def _train_input_size(ctx, param, value: str | None):
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--log-every", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--save-every", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--val-every", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Validate every N epochs (and after the last step).")
 @click.option("--kadid-root", default=None, type=click.Path(exists=True, file_okay=False),
               help="KADID-10k folder (dmos.csv, images/) to evaluate on each epoch.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -155,7 +157,7 @@ def _train_input_size(ctx, param, value: str | None):
               help="Samples (pairs with ranking) held by each worker's shuffle buffer.")
 def train_dpm_main(shards, val_shards, out, arch, epochs, max_steps, batch_size, lr, workers,
                    device, amp, ranking_weight, resume, input_size, init_weights, compile_,
-                   log_every, save_every, kadid_root, seed, shuffle_buffer):
+                   log_every, save_every, val_every, kadid_root, seed, shuffle_buffer):
     """Pre-train the distortion perception model on biqa-gen shards (VIPNet's recipe by
     default); run under torchrun for data parallelism."""
     import logging
@@ -168,7 +170,8 @@ def train_dpm_main(shards, val_shards, out, arch, epochs, max_steps, batch_size,
         max_steps=max_steps, batch_size=batch_size, lr=lr, workers=workers, device=device,
         amp=amp, ranking_weight=ranking_weight, resume=resume, input_size=input_size,
         init_weights=init_weights, compile=compile_, log_every=log_every,
-        save_every=save_every, kadid_root=kadid_root, seed=seed, shuffle_buffer=shuffle_buffer)
+        save_every=save_every, val_every=val_every, kadid_root=kadid_root, seed=seed,
+        shuffle_buffer=shuffle_buffer)
     try:
         summary = train(config)
     except ValueError as exc:

@@ -59,11 +59,12 @@ def corrupt_member(shard: Path, key: str) -> None:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> dict[str, Path]:
     """Train on five bundled references (three shards of 35/35/30 samples: odd and uneven),
-    validate on the two others."""
+    validate on two others (chelsea, coffee)."""
     refs = sample_reference_paths()
+    val = [r for r in refs if r.stem in ("chelsea", "coffee")]
     root = tmp_path_factory.mktemp("shards")
-    return {"train": make_shards(root / "train", refs[:5], 35),
-            "val": make_shards(root / "val", refs[5:], 20)}
+    return {"train": make_shards(root / "train", [r for r in refs if r not in val], 35),
+            "val": make_shards(root / "val", val, 20)}
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -75,8 +76,9 @@ def test_learns_classes_and_ranking_on_other_references(shards, tmp_path):
     out = tmp_path / "run"
     summary = train(TrainConfig(
         shards=str(shards["train"]), val_shards=str(shards["val"]), out=str(out), arch="tiny",
-        epochs=1000, max_steps=200, batch_size=32, lr=0.1, workers=2, input_size=(48, 48),
-        ranking_weight=1.0, log_every=25, save_every=100, shuffle_buffer=64))
+        epochs=1000, max_steps=200, batch_size=32, lr=0.1, workers=1, input_size=(48, 48),
+        ranking_weight=1.0, log_every=25, save_every=100, shuffle_buffer=64,
+        restart_epochs=67, val_every=1000))  # 3 steps/epoch: one cosine period, one validation
     chance = 1 / 20
     val = summary["last"]["val"]
     steps = [r for r in _metrics(out) if r["kind"] == "step"]
@@ -91,8 +93,8 @@ def test_learns_classes_and_ranking_on_other_references(shards, tmp_path):
     assert [r["step"] for r in steps] == list(range(25, 201, 25))
     assert (steps[-1]["loss"] + steps[-2]["loss"]) / 2 < steps[0]["loss"]
     assert all(r["images_per_s"] > 0 and r["skipped"] == 0 for r in steps)
-    epochs = [r for r in _metrics(out) if r["kind"] == "epoch"]
-    assert epochs[-1]["step"] == 200 and len(epochs) == -(-200 // summary["steps_per_epoch"])
+    assert summary["steps_per_epoch"] == 3
+    assert [r["step"] for r in _metrics(out) if r["kind"] == "epoch"] == [200]
     with Image.open(out / "confusion.png") as im:
         assert im.size[0] == im.size[1] > 20 * 2
     for name in ("last.pt", "best.pt"):
@@ -107,6 +109,13 @@ def test_learns_classes_and_ranking_on_other_references(shards, tmp_path):
     model, config = load_dpm(out / "best.pt")
     assert config["arch"] == "tiny" and model.num_classes == 20
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no temp files left
+
+
+def test_brace_pattern_selects_shards_and_their_counts(shards):
+    whole = open_shards(str(shards["train"]))
+    part = open_shards(str(shards["train"] / "shard-{000001..000002}.tar"))
+    assert part.urls == whole.urls[1:] and part.counts == [35, 30]
+    assert part.class_table == whole.class_table and part.num_classes == 20
 
 
 def test_pairs_share_reference_and_type_at_two_levels(shards):

@@ -62,6 +62,7 @@ class TrainConfig:
     compile: bool = False
     log_every: int = 50
     save_every: int = 1000
+    val_every: int = 1  # epochs; the last step always validates
     kadid_root: str | None = None
     seed: int = 0
     shuffle_buffer: int = 256
@@ -72,6 +73,7 @@ class TrainConfig:
             raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
                     "log_every": self.log_every, "save_every": self.save_every,
+                    "val_every": self.val_every,
                     "shuffle_buffer": self.shuffle_buffer, "restart_epochs": self.restart_epochs}
         for name, value in positive.items():
             if value <= 0:
@@ -442,7 +444,11 @@ def train(config: TrainConfig) -> dict:
                                           total_steps, pairs)
             if step % config.save_every == 0 and rank == 0:
                 save_checkpoint(last_path, checkpoint(epoch))
-        last_record = {**last_record, **validate_and_save((step - 1) // steps_per_epoch)}
+        epoch_done = (step - 1) // steps_per_epoch
+        if (epoch_done + 1) % config.val_every == 0 or step == total_steps:
+            last_record = {**last_record, **validate_and_save(epoch_done)}
+        elif rank == 0:
+            save_checkpoint(last_path, checkpoint(epoch_done))
     if bar is not None:
         bar.close()
     metrics.close()
