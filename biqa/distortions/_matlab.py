@@ -335,9 +335,8 @@ def _keys_weights(t: np.ndarray):
 # ---------------------------------------------------------------------- quality
 
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
-    """MATLAB ``psnr`` of two 8-bit images (inf when identical)."""
-    d = a.astype(np.float64) - b.astype(np.float64)
-    mse = float(np.mean(d * d))
-    if mse == 0:
+    """MATLAB ``psnr`` of two same-shaped images (inf when identical)."""
+    sq = cv2.norm(np.ascontiguousarray(a), np.ascontiguousarray(b), cv2.NORM_L2SQR)
+    if sq == 0:
         return math.inf
-    return 10.0 * math.log10(peak * peak / mse)
+    return 10.0 * math.log10(peak * peak * a.size / sq)
