@@ -60,7 +60,9 @@ def test_shards_hold_every_planned_sample_readable_with_webdataset(baseline):
     assert len(samples) == t["samples"]
     keys = [f"{m['ref']}_{m['type']:02d}_{m['level']:02d}" for _, m in samples]
     assert len(set(keys)) == len(keys)
-    assert not set(keys) & {n["key"] for n in manifest["not_applicable"]}
+    dropped = {(n["ref"], n["type"]) for n in manifest["not_applicable"]}
+    assert dropped and all(n["samples"] == 5 for n in manifest["not_applicable"])
+    assert not {(m["ref"], m["type"]) for _, m in samples} & dropped  # whole groups go
     base = {s["id"]: s["class_base"] for s in manifest["types"]}
     for img, meta in samples:
         assert img.shape == (96, 128, 3) and img.dtype == np.uint8

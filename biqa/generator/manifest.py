@@ -132,7 +132,7 @@ def build_manifest(plan: Plan, results: list[dict], status: str, run: dict) -> d
             "references_skipped": len(skipped),
             "samples_planned": plan.n_samples,
             "samples": sum(r["samples"] for r in complete),
-            "not_applicable": len(not_applicable),
+            "not_applicable": sum(n["samples"] for n in not_applicable),
             "shards_planned": plan.n_shards,
             "shards": len(complete),
             "shards_failed": len(failed),

@@ -134,13 +134,16 @@ def _generate(task: ShardTask) -> dict:
             if img is None:
                 continue
             ref_id = task.ref_ids[ref]
-            for level in s.levels:
-                key = sample_key(ref_id, type_id, level)
-                try:
-                    encoded, meta = _distort_one(img, ref_id, type_id, level, task)
-                except DistortionNotApplicable as exc:
-                    not_applicable.append({"key": key, "reason": str(exc) or "not applicable"})
-                    continue
+            try:  # all levels of a (ref, type) or none, as the original keeps CA images
+                group = [(sample_key(ref_id, type_id, level),
+                          *_distort_one(img, ref_id, type_id, level, task))
+                         for level in s.levels]
+            except DistortionNotApplicable as exc:
+                not_applicable.append({"ref": ref_id, "type": type_id,
+                                       "samples": len(s.levels),
+                                       "reason": str(exc) or "not applicable"})
+                continue
+            for key, encoded, meta in group:
                 if wds:
                     writer.add(key, {s.image_format: encoded, "json": _dumps(meta),
                                      "cls": str(meta["class"]).encode()})
