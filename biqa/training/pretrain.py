@@ -10,10 +10,10 @@ at norm 2, cross-entropy.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -310,6 +310,11 @@ def train(config: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
 
     shards = open_shards(config.shards)
+    val_shards = open_shards(config.val_shards) if config.val_shards else None
+    if val_shards is not None and val_shards.class_table != shards.class_table:
+        raise ValueError("--val-shards have another type table than --shards")
+    kadid = (KadidDataset(config.kadid_root, shards.class_table, config.input_hw)
+             if config.kadid_root else None)
     pairs = config.ranking_weight > 0
     train_set = ShardStream(shards, config.input_hw, config.batch_size // 2 if pairs
                             else config.batch_size, train=True, pairs=pairs, seed=config.seed,
@@ -361,12 +366,6 @@ def train(config: TrainConfig) -> dict:
     if config.compile:
         model = torch.compile(model)
 
-    val_shards = open_shards(config.val_shards) if config.val_shards else None
-    if val_shards is not None and val_shards.class_table != shards.class_table:
-        raise ValueError("--val-shards have another type table than --shards")
-    kadid = (KadidDataset(config.kadid_root, shards.class_table, config.input_hw)
-             if config.kadid_root else None)
-
     def checkpoint(epoch: int) -> dict:
         return {"model": backbone.state_dict(),
                 "quality_head": net.quality.state_dict() if pairs else {},
@@ -408,37 +407,22 @@ def train(config: TrainConfig) -> dict:
         train_set.set_epoch(epoch, restart=step if done_in_epoch else 0)
         steps_now = min(steps_per_epoch - done_in_epoch, total_steps - step)
         for batch in islice(loader, steps_now):
-            images, labels, levels = batch["image"], batch["label"], batch["level"]
-            if pairs:
-                images, labels, levels = images.flatten(0, 1), labels.flatten(), levels.flatten()
-            x = _to_input(images, device, channels_last)
-            labels = labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                logits, quality = model(x)
-            loss = F.cross_entropy(logits.float(), labels)
-            rank_loss = (pair_ranking_loss(quality, levels.to(device), config.ranking_margin)
-                         if pairs else None)
-            total = loss if rank_loss is None else loss + config.ranking_weight * rank_loss
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.unscale_(optimizer)
-            if config.grad_clip > 0:
-                nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            loss, rank_loss, right, seen = _train_step(model, net, batch, optimizer, scaler,
+                                                       config, device, channels_last,
+                                                       amp_dtype if amp else None)
             step += 1
             scheduler.step(step / steps_per_epoch)
-
             # running sums stay on the device: no host sync per step
-            window["loss"] += loss.detach()
-            window["rank_loss"] += rank_loss.detach() if rank_loss is not None else 0.0
-            window["right"] += (logits.argmax(1) == labels).sum()
-            window["seen"] += labels.numel()
+            window["loss"] += loss
+            window["rank_loss"] += rank_loss
+            window["right"] += right
+            window["seen"] += seen
             window["steps"] += 1
             window["skipped"] += int(batch["skipped"].sum())
             if bar is not None:
                 bar.update(1)
             if step % config.log_every == 0 or step == total_steps:
+                _sum_over_ranks(window, ("skipped",), device, world)
                 skipped_total += window["skipped"]
                 last_record = _log_window(window, step, epoch, scheduler, world, metrics, bar,
                                           total_steps, pairs)
@@ -456,6 +440,47 @@ def train(config: TrainConfig) -> dict:
     return {"steps": step, "steps_per_epoch": steps_per_epoch, "best_acc": best_acc,
             "last": last_record, "skipped": skipped_total, "rank": rank, "world": world,
             "last_checkpoint": str(last_path), "best_checkpoint": str(best_path)}
+
+
+def _train_step(model: nn.Module, net: PretrainNet, batch: dict, optimizer, scaler,
+                config: TrainConfig, device: torch.device, channels_last: bool,
+                amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                        int]:
+    """One SGD step; returns (classification loss, ranking loss, correct, images), detached
+    and still on the device."""
+    pairs = net.quality is not None
+    images, labels, levels = batch["image"], batch["label"], batch["level"]
+    if pairs:  # (B/2, 2, ...) -> (B, ...), pair i at rows 2i and 2i+1
+        images, labels, levels = images.flatten(0, 1), labels.flatten(), levels.flatten()
+    x = _to_input(images, device, channels_last)
+    labels = labels.to(device, non_blocking=True)
+    precision = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                 else contextlib.nullcontext())
+    with precision:
+        logits, quality = model(x)
+    loss = F.cross_entropy(logits.float(), labels)
+    rank_loss = (pair_ranking_loss(quality, levels.to(device), config.ranking_margin) if pairs
+                 else torch.zeros((), device=device))
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss + config.ranking_weight * rank_loss).backward()
+    scaler.unscale_(optimizer)
+    if config.grad_clip > 0:
+        nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    right = (logits.detach().argmax(1) == labels).sum()
+    return loss.detach(), rank_loss.detach(), right, labels.numel()
+
+
+def _sum_over_ranks(window: dict, keys: tuple[str, ...], device: torch.device,
+                    world: int) -> None:
+    """Replace per-rank counts by their sum over all ranks (every rank calls this)."""
+    if world == 1:
+        return
+    values = torch.tensor([float(window[k]) for k in keys], device=device)
+    dist.all_reduce(values)
+    for key, value in zip(keys, values.tolist()):
+        window[key] = int(value)
 
 
 def _log_window(window: dict, step: int, epoch: int, scheduler, world: int, metrics: _MetricsLog,
