@@ -18,9 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from biqa.training.data import ShardStream, normalise, open_shards
+from biqa.training.data import ShardStream, make_loader, normalise, open_shards
 from biqa.training.models import create_model
-from biqa.training.pretrain import _loader
 
 
 def make_sample_shards(out: str) -> str:
@@ -34,7 +33,7 @@ def make_sample_shards(out: str) -> str:
 def loader_rate(shards: str, workers: int, batch: int, batches: int) -> float:
     """Images/s of the training stream (after a warm-up batch), wrapping epochs as needed."""
     stream = ShardStream(open_shards(shards), (288, 384), batch, train=True, shuffle_size=64)
-    loader = _loader(stream, batch, workers, pin=False)
+    loader = make_loader(stream, batch, workers, pin=False)
     seen, epoch, start = 0, 0, None
     while seen < batches:
         stream.set_epoch(epoch)

@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from webdataset import gopen
 from webdataset.tariterators import tarfile_samples
 
@@ -378,6 +378,14 @@ class ShardStream(IterableDataset):
                 yield {"image": images, "label": labels, "level": levels}
             else:
                 yield {"image": images[0], "label": labels[0], "level": levels[0]}
+
+
+def make_loader(dataset, batch_size: int, workers: int, pin: bool) -> DataLoader:
+    """Batches collated in the workers; workers persist across epochs (their shard deal is
+    switched through ``ShardStream.set_epoch``); ``pin`` for asynchronous copies to a GPU."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin,
+                      persistent_workers=workers > 0,
+                      prefetch_factor=2 if workers > 0 else None)
 
 
 # ------------------------------------------------------------------------- KADID-10k

@@ -26,10 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
-from .data import (LEVELS, NORMALISATION, KadidDataset, ShardSet, ShardStream, normalise,
-                   open_shards)
+from .data import (LEVELS, NORMALISATION, KadidDataset, ShardSet, ShardStream, make_loader,
+                   normalise, open_shards)
 from .models import ARCHS, create_model, load_torchvision_weights
 
 log = logging.getLogger(__name__)
@@ -260,12 +259,6 @@ def _init_distributed(use_cuda: bool) -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def _loader(dataset, batch_size: int, workers: int, pin: bool) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin,
-                      persistent_workers=workers > 0,
-                      prefetch_factor=2 if workers > 0 else None)
-
-
 class _MetricsLog:
     """metrics.jsonl (rank 0): one JSON object per line, flushed, appended across resumes."""
 
@@ -395,7 +388,7 @@ def train(config: TrainConfig) -> dict:
 
     metrics = _MetricsLog(out / "metrics.jsonl", rank == 0)
     bar = _progress(total_steps, step, rank == 0)
-    loader = _loader(train_set, train_set.batch_size, config.workers, use_cuda)
+    loader = make_loader(train_set, train_set.batch_size, config.workers, use_cuda)
     window = {"loss": 0.0, "rank_loss": 0.0, "right": 0, "seen": 0, "steps": 0, "skipped": 0,
               "t0": time.perf_counter()}
     skipped_total = 0
@@ -515,7 +508,7 @@ def _validation(net: PretrainNet, val_shards: ShardSet | None, kadid: KadidDatas
     batch = config.batch_size
     if val_shards is not None:
         stream = ShardStream(val_shards, config.input_hw, batch, train=False, seed=config.seed)
-        confusion = _evaluate(net, _loader(stream, batch, config.workers, False), device,
+        confusion = _evaluate(net, make_loader(stream, batch, config.workers, False), device,
                               shards.num_classes, channels_last)
         summary = accuracy_summary(confusion, shards.class_table)
         # every sample is read once, so the manifest's count tells how many were unreadable
@@ -525,10 +518,10 @@ def _validation(net: PretrainNet, val_shards: ShardSet | None, kadid: KadidDatas
             pair_stream = ShardStream(val_shards, config.input_hw, batch // 2, train=False,
                                       pairs=True, seed=config.seed)
             result["val"]["pair_ranking_acc"] = _ranking_accuracy(
-                net, _loader(pair_stream, batch // 2, config.workers, False), device,
+                net, make_loader(pair_stream, batch // 2, config.workers, False), device,
                 channels_last)
     if kadid is not None:
-        confusion = _evaluate(net, _loader(kadid, batch, config.workers, False), device,
+        confusion = _evaluate(net, make_loader(kadid, batch, config.workers, False), device,
                               shards.num_classes, channels_last)
         result["kadid10k"] = accuracy_summary(confusion, shards.class_table)
         save_confusion_png(confusion, shards.class_table, out / "confusion_kadid10k.png")
