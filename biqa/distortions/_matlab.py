@@ -334,9 +334,15 @@ def _keys_weights(t: np.ndarray):
 
 # ---------------------------------------------------------------------- quality
 
+def psnr_from_sse(sse: float, count: int, peak: float = 255.0) -> float:
+    """MATLAB ``psnr`` from a summed squared error over ``count`` samples."""
+    mse = sse / count
+    return math.inf if mse == 0 else float(10.0 * np.log10(peak * peak / mse))
+
+
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
     """MATLAB ``psnr`` of two same-shaped images (inf when identical)."""
-    sq = cv2.norm(np.ascontiguousarray(a), np.ascontiguousarray(b), cv2.NORM_L2SQR)
-    if sq == 0:
-        return math.inf
-    return 10.0 * math.log10(peak * peak * a.size / sq)
+    sse = cv2.norm(np.ascontiguousarray(a), np.ascontiguousarray(b), cv2.NORM_L2SQR)
+    if a.dtype.kind in "ui" and b.dtype.kind in "ui":
+        sse = round(sse)  # OpenCV's double accumulation is off by ~1e-8 of an integer
+    return psnr_from_sse(sse, a.size, peak)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._matlab import hsv2rgb, im2uint8, rgb2hsv
+from ._matlab import hsv2rgb, im2uint8, psnr_from_sse, rgb2hsv
 from .spec import DistortionNotApplicable
 
 # ------------------------------------------------------------------ 26 pink noise
@@ -273,12 +273,6 @@ class _ChannelBlur:
         return float(total)
 
 
-def _psnr_from_sse(sse: float, count: int) -> float:
-    """MATLAB ``psnr`` of 8-bit images from their summed squared error."""
-    mse = sse / count
-    return float("inf") if mse == 0 else float(10.0 * np.log10(255.0 * 255.0 / mse))
-
-
 def ca_candidate_psnrs(img: np.ndarray) -> np.ndarray:
     """PSNR to the input of all 25 x 11 candidates (shift index i, blur index l).
 
@@ -297,7 +291,7 @@ def ca_candidate_psnrs(img: np.ndarray) -> np.ndarray:
                      for s in sorted({green_shift(i) for i in CA_SHIFTS})}
         sse_blue = blue.shifted_sse(0)
         for ii, i in enumerate(CA_SHIFTS):
-            out[ii, li] = _psnr_from_sse(sse_red[ii] + sse_green[green_shift(i)] + sse_blue,
+            out[ii, li] = psnr_from_sse(sse_red[ii] + sse_green[green_shift(i)] + sse_blue,
                                          count)
     return out
 
