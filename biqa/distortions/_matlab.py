@@ -164,6 +164,12 @@ _LAB_EPS = (6.0 / 29.0) ** 3
 _LAB_KAPPA = 24389.0 / 27.0
 
 
+def _pow(x: np.ndarray, p: float) -> np.ndarray:
+    """|x|**p in float32 via OpenCV (several times faster than numpy); callers use
+    it only where x >= 0 matters."""
+    return cv2.pow(np.ascontiguousarray(x, dtype=np.float32), p)
+
+
 def _apply_matrix(img: np.ndarray, m: np.ndarray) -> np.ndarray:
     """Per-pixel 3x3 colour matrix (``img @ m.T``), via OpenCV for speed."""
     return cv2.transform(img, m.astype(img.dtype))
@@ -174,9 +180,9 @@ def rgb2lab(rgb: np.ndarray) -> np.ndarray:
     (float32 keeps every type here above 90 dB of the double-precision original)."""
     rgb = np.asarray(rgb, dtype=np.float32)
     lin = np.where(rgb <= 0.04045, rgb / np.float32(12.92),
-                   ((rgb + np.float32(0.055)) / np.float32(1.055)) ** np.float32(2.4))
+                   _pow((rgb + np.float32(0.055)) / np.float32(1.055), 2.4))
     xyz = _apply_matrix(lin, _M_RGB2XYZ / _WHITE[:, None])
-    f = np.where(xyz > _LAB_EPS, np.cbrt(xyz),
+    f = np.where(xyz > _LAB_EPS, _pow(xyz, 1 / 3),
                  (np.float32(_LAB_KAPPA) * xyz + np.float32(16.0)) / np.float32(116.0))
     lab = _apply_matrix(f, np.array([[0.0, 116.0, 0.0], [500.0, -500.0, 0.0],
                                      [0.0, 200.0, -200.0]]))
@@ -198,41 +204,26 @@ def lab2rgb(lab: np.ndarray) -> np.ndarray:
     # sRGB gamma, odd-symmetric so negative linear values stay finite.
     a = np.abs(lin)
     out = np.where(a <= 0.0031308, np.float32(12.92) * a,
-                   np.float32(1.055) * a ** np.float32(1 / 2.4) - np.float32(0.055))
+                   np.float32(1.055) * _pow(a, 1 / 2.4) - np.float32(0.055))
     return np.copysign(out, lin)
 
 
 def rgb2hsv(rgb: np.ndarray) -> np.ndarray:
-    """MATLAB ``rgb2hsv`` for doubles in [0,1]."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    v = rgb.max(axis=-1)
-    delta = v - rgb.min(axis=-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = np.where(v > 0, delta / v, 0.0)
-        d = np.where(delta > 0, delta, 1.0)
-        h = np.where(v == r, (g - b) / d,
-                     np.where(v == g, 2.0 + (b - r) / d, 4.0 + (r - g) / d))
-    h = np.where(delta > 0, h / 6.0, 0.0)
-    h = np.where(h < 0, h + 1.0, h)
-    return np.stack([h, s, v], axis=-1)
+    """MATLAB ``rgb2hsv`` for images in [0,1], H scaled to [0,1).  float32.
+
+    OpenCV's float conversion is the same hexcone formula (checked to 4e-7) and
+    ~50x faster than doing it in numpy."""
+    hsv = cv2.cvtColor(np.asarray(rgb, dtype=np.float32), cv2.COLOR_RGB2HSV_FULL)
+    hsv[..., 0] *= np.float32(1 / 360)
+    return hsv
 
 
 def hsv2rgb(hsv: np.ndarray) -> np.ndarray:
-    """MATLAB ``hsv2rgb`` (sextant formula), linear in S so negative S is allowed."""
-    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    h6 = 6.0 * h
-    k = np.floor(h6)
-    f = h6 - k
-    k = k.astype(np.int64) % 6
-    p = v * (1.0 - s)
-    q = v * (1.0 - s * f)
-    t = v * (1.0 - s * (1.0 - f))
-    choices_r = [v, q, p, p, t, v]
-    choices_g = [t, v, v, q, p, p]
-    choices_b = [p, p, t, v, v, q]
-    out = np.stack([np.choose(k, choices_r), np.choose(k, choices_g),
-                    np.choose(k, choices_b)], axis=-1)
-    return out
+    """MATLAB ``hsv2rgb`` (sextant formula), linear in S so negative S is allowed.
+    float32, via OpenCV (whose float path is the same formula, unclipped)."""
+    hsv = np.array(hsv, dtype=np.float32)
+    hsv[..., 0] *= np.float32(360)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
 
 
 _YCC_T = np.array([[65.481, 128.553, 24.966],

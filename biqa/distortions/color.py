@@ -70,7 +70,7 @@ def color_shift_by(img: np.ndarray, shift: tuple[int, int]) -> np.ndarray:
 
 def color_saturation_hsv(img: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:
     """Type 7: S <- f*S in HSV (negative f inverts the hue); the stretch handles range."""
-    hsv = rgb2hsv(img.astype(np.float64))
+    hsv = rgb2hsv(img)
     hsv[..., 1] *= factor
     return hsv2rgb(hsv)
 

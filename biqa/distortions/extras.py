@@ -330,6 +330,11 @@ def select_ca_levels(psnrs: np.ndarray) -> list[CAPick | None]:
 
 _CA_CACHE: OrderedDict[tuple, list] = OrderedDict()
 _CA_CACHE_SIZE = 16
+
+
+def clear_ca_cache() -> None:
+    """Forget cached chromatic-aberration searches (for honest benchmarks)."""
+    _CA_CACHE.clear()
 _CA_LOCK = threading.Lock()
 
 
