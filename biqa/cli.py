@@ -8,6 +8,19 @@ from __future__ import annotations
 
 import click
 
+
+def _size(min_side: int):
+    """A click callback turning 'WxH' into (W, H); every size flag is width x height."""
+    def parse(ctx, param, value):
+        from biqa.generator.job import parse_size
+        if value is None:
+            return None
+        try:
+            return parse_size(value, min_side)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return parse
+
 # ============================================================== biqa-gen (generator)
 # (section owned by the generator work: biqa.generator)
 
@@ -108,19 +121,6 @@ def gen_main() -> None:
 # (section owned by the DPM training work: biqa.training.pretrain)
 
 
-def _train_input_size(ctx, param, value: str | None):
-    """'WxH' -> (W, H); every size flag in biqa is width x height."""
-    if value is None:
-        return None
-    try:
-        width, height = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise click.BadParameter(f"expected WIDTHxHEIGHT such as 384x288, got {value!r}")
-    if width < 32 or height < 32:
-        raise click.BadParameter(f"{value}: width and height must be at least 32")
-    return width, height
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--shards", required=True, help="Shard folder (with manifest.json) or brace URL pattern.")
 @click.option("--val-shards", default=None, help="Held-out shards for validation (same type table).")
@@ -141,7 +141,7 @@ def _train_input_size(ctx, param, value: str | None):
 @click.option("--ranking-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Weight of the pairwise quality ranking loss (0: off).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt if it exists.")
-@click.option("--input-size", default="384x288", show_default=True, callback=_train_input_size,
+@click.option("--input-size", default="384x288", show_default=True, callback=_size(32),
               help="Training crop, WIDTHxHEIGHT.")
 @click.option("--init-weights", default=None, type=click.Path(exists=True, dir_okay=False),
               help="torchvision-format ImageNet state dict (resnet*/botnet50).")
@@ -185,17 +185,6 @@ def train_dpm_main(shards, val_shards, out, arch, epochs, max_steps, batch_size,
 # (section owned by the fine-tuning work: biqa.training.finetune)
 
 
-def _patch_size(ctx, param, value: str):
-    """'WxH' -> (W, H) for --patch-size."""
-    try:
-        width, height = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise click.BadParameter(f"expected WIDTHxHEIGHT such as 384x288, got {value!r}")
-    if width < 16 or height < 16:
-        raise click.BadParameter(f"{value}: width and height must be at least 16")
-    return width, height
-
-
 def _cross_datasets(ctx, param, values) -> dict:
     """NAME=DIR (or NAME, read from $BIQA_DATA/NAME) -> {name: root or None}."""
     from biqa.training.iqa_datasets import DATASET_NAMES
@@ -229,7 +218,7 @@ def _cross_datasets(ctx, param, values) -> dict:
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--patches", default=12, show_default=True, type=click.IntRange(min=1),
               help="Random patches per image per epoch in training; fixed crops averaged at test.")
-@click.option("--patch-size", default="384x288", show_default=True, callback=_patch_size,
+@click.option("--patch-size", default="384x288", show_default=True, callback=_size(16),
               help="Patch WIDTHxHEIGHT.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Patches per step.")

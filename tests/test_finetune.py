@@ -214,7 +214,7 @@ def test_cli_errors_are_clear(tmp_path, toy_data):
     result = runner.invoke(finetune, ["--dataset", "tid2013", "--root", str(broken)])
     assert result.exit_code == 2 and "mos_with_names.txt" in result.output
     result = runner.invoke(finetune, ["--dataset", "tid2013", "--patch-size", "64by48"])
-    assert result.exit_code == 2 and "WIDTHxHEIGHT" in result.output
+    assert result.exit_code == 2 and "expected WxH" in result.output
     result = runner.invoke(finetune, ["--dataset", "tid2013", "--root", str(toy_data["tid2013"]),
                                       "--cross", "imagenet=/x"])
     assert result.exit_code == 2 and "imagenet" in result.output

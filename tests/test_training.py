@@ -265,7 +265,7 @@ def test_kadid_folder_evaluation(shards, tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (["--input-size", "64"], "WIDTHxHEIGHT"),
+    (["--input-size", "64"], "expected WxH"),
     (["--input-size", "16x16"], "at least 32"),
     (["--shards", "/nonexistent/x-{0..3}.tar"], "manifest"),
     (["--ranking-weight", "1", "--batch-size", "7"], "even"),

@@ -32,11 +32,13 @@ def parse_levels(text: str) -> tuple[int, ...]:
     return tuple(sorted(levels))
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def parse_size(text: str, min_side: int = 1) -> tuple[int, int]:
     """``"WxH"`` -> (W, H): every size flag in biqa is width×height."""
     m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", str(text))
-    if not m or int(m[1]) < 1 or int(m[2]) < 1:
-        raise ValueError(f"size {text!r}: expected WxH with positive integers, e.g. 512x384")
+    if not m:
+        raise ValueError(f"size {text!r}: expected WxH with integers, e.g. 384x288")
+    if int(m[1]) < min_side or int(m[2]) < min_side:
+        raise ValueError(f"size {text!r}: width and height must be at least {min_side}")
     return int(m[1]), int(m[2])
 
 
