@@ -177,7 +177,9 @@ def train_dpm_main(shards, val_shards, out, arch, epochs, max_steps, batch_size,
     except ValueError as exc:
         raise click.UsageError(str(exc))
     if summary["rank"] == 0:
-        click.echo(f"done: {summary['steps']} steps, best accuracy {summary['best_acc']:.4f}, "
+        best = (f"best validation accuracy {summary['best_acc']:.4f}"
+                if summary["best_acc"] >= 0 else "no validation (no --val-shards)")
+        click.echo(f"done: {summary['steps']} steps, {best}, "
                    f"checkpoint {summary['last_checkpoint']}")
 
 
