@@ -93,8 +93,17 @@ def test_gray_and_rgba_are_converted(small_image):
     out = distort(gray, 1, 3, rng=0)
     assert out.shape == gray.shape + (3,)
     assert np.array_equal(out, distort(np.repeat(gray[..., None], 3, axis=2), 1, 3, rng=0))
-    rgba = np.dstack([small_image, np.full(gray.shape, 128, np.uint8)])
-    assert np.array_equal(distort(rgba, 2, 2), distort(small_image, 2, 2))
+    opaque = np.dstack([small_image, np.full(gray.shape, 255, np.uint8)])
+    assert np.array_equal(distort(opaque, 2, 2), distort(small_image, 2, 2))
+    # Alpha is composited over white: a fully transparent image is white.
+    from biqa.distortions.api import as_rgb_uint8
+    clear = np.dstack([small_image, np.zeros(gray.shape, np.uint8)])
+    assert (as_rgb_uint8(clear) == 255).all()
+    half = as_rgb_uint8(np.dstack([np.zeros_like(small_image), np.full(gray.shape, 128,
+                                                                        np.uint8)]))
+    assert (half == 127).all()  # 255 * (1 - 128/255), rounded
+    gray_alpha = np.dstack([gray, np.full(gray.shape, 255, np.uint8)])
+    assert np.array_equal(as_rgb_uint8(gray_alpha), np.dstack([gray] * 3))
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -102,7 +111,7 @@ def test_gray_and_rgba_are_converted(small_image):
     (np.zeros((80, 80, 3), np.float32), "uint8"),
     (np.zeros((0, 80, 3), np.uint8), "empty"),
     (np.zeros((80, 80, 3, 1), np.uint8), "dimensions"),
-    (np.zeros((80, 80, 2), np.uint8), "channels"),
+    (np.zeros((80, 80, 5), np.uint8), "channels"),
     (np.zeros((40, 200, 3), np.uint8), "at least"),
     ([[1, 2], [3, 4]], "numpy array"),
 ])

@@ -11,10 +11,12 @@ from .spec import DistortionSpec
 def as_rgb_uint8(image) -> np.ndarray:
     """Validate an image and bring it to uint8 H*W*3 RGB.
 
-    Gray (H*W or H*W*1) is replicated to three channels; RGBA drops its alpha
-    (as Pillow's ``convert('RGB')`` does).  Anything else is refused with a
-    ``ValueError`` that says why, because silently rescaling a 16-bit or float
-    image would change what the distortion levels mean.
+    Gray (H*W, H*W*1) is replicated to three channels; an alpha channel (gray+alpha
+    H*W*2, RGBA H*W*4) is composited over white, the background a viewer shows,
+    so transparent areas do not turn into whatever colour the encoder left behind
+    them.  Anything else is refused with a ``ValueError`` that says why, because
+    silently rescaling a 16-bit or float image would change what the distortion
+    levels mean.
     """
     if not isinstance(image, np.ndarray):
         raise ValueError(f"image must be a numpy array, not {type(image).__name__}")
@@ -24,18 +26,19 @@ def as_rgb_uint8(image) -> np.ndarray:
     if image.size == 0:
         raise ValueError(f"image is empty (shape {image.shape})")
     if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    elif image.ndim == 3:
-        channels = image.shape[2]
-        if channels == 1:
-            image = np.repeat(image, 3, axis=2)
-        elif channels == 4:
-            image = image[:, :, :3]
-        elif channels != 3:
-            raise ValueError(f"image must have 1, 3 or 4 channels, got {channels}")
-    else:
+        image = image[:, :, None]
+    if image.ndim != 3:
         raise ValueError(f"image must be H*W or H*W*C, got {image.ndim} dimensions")
-    return np.ascontiguousarray(image)
+    channels = image.shape[2]
+    if channels not in (1, 2, 3, 4):
+        raise ValueError(f"image must have 1 to 4 channels (gray, gray+alpha, RGB, RGBA), "
+                         f"got {channels}")
+    colour = image[:, :, :3] if channels >= 3 else np.repeat(image[:, :, :1], 3, axis=2)
+    if channels in (2, 4):
+        alpha = image[:, :, -1:].astype(np.uint32)
+        blended = colour.astype(np.uint32) * alpha + 255 * (255 - alpha)
+        colour = ((blended + 127) // 255).astype(np.uint8)
+    return np.ascontiguousarray(colour)
 
 
 def as_generator(rng) -> np.random.Generator:

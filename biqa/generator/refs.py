@@ -23,6 +23,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from biqa.distortions.api import as_rgb_uint8
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp",
                               ".gif", ".ppm", ".pgm", ".pnm", ".jp2", ".j2k"})
 LIST_EXTENSIONS = frozenset({".csv", ".txt"})
@@ -218,19 +220,12 @@ def _decode_8_bit(im: Image.Image) -> np.ndarray:
 def to_rgb8(raw: np.ndarray) -> np.ndarray:
     """uint8/uint16 H*W*{1,2,3,4} -> uint8 H*W*3.
 
-    16-bit values map to round(v/257) (exact for 257·k); alpha is composited over
-    white, the background a viewer shows, so transparent areas do not turn into
-    whatever colour the encoder left behind them.
+    16-bit values map to round(v/257) (exact for 257·k); gray and alpha are then
+    handled as ``distort`` handles them (alpha composited over white).
     """
     if raw.dtype == np.uint16:
         raw = ((raw.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    channels = raw.shape[2]
-    colour = raw[:, :, :3] if channels >= 3 else np.repeat(raw[:, :, :1], 3, axis=2)
-    if channels in (2, 4):
-        alpha = raw[:, :, -1:].astype(np.uint32)
-        blended = colour.astype(np.uint32) * alpha + 255 * (255 - alpha)
-        colour = ((blended + 127) // 255).astype(np.uint8)
-    return np.ascontiguousarray(colour, dtype=np.uint8)
+    return as_rgb_uint8(raw)
 
 
 def resize_cover(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
