@@ -103,6 +103,10 @@ def gen(refs, refs_root, distortions, levels, out, seed, workers, backend, sched
                             overwrite, progress=not quiet)
     except (ValueError, ReferenceSkipped) as exc:
         raise click.UsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("\nbiqa-gen: interrupted; completed shards are kept, re-run the same "
+                   "command to finish the rest", err=True)
+        raise SystemExit(130) from None
     click.echo(summary_line(manifest))
     for failed in manifest["failed"]:
         last_line = failed["error"].strip().splitlines()[-1]

@@ -207,6 +207,25 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_bytes(tmp_path):
     assert "already done" in rerun.stderr  # plain log lines when not on a terminal
 
 
+def test_ctrl_c_keeps_complete_shards_and_says_how_to_resume(tmp_path):
+    job = ["--distortions", "19", "--resize", "128x96", "--per-shard", "5", "--workers", "1",
+           "--out", str(tmp_path)]
+    proc = subprocess.Popen(GEN_CMD + job, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                        signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "stats").glob("*.json")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "biqa-gen ended before it could be interrupted"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "re-run the same command" in err
+    rerun = subprocess.run(GEN_CMD + job, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "already done" in rerun.stdout and not list(tmp_path.rglob("*.partial"))
+
+
 def test_folder_format_writes_loose_images(tmp_path):
     manifest = generate(out=str(tmp_path), distortions="21", levels="2", resize="128x96",
                         out_format="folder", workers=1, progress=False)
