@@ -11,7 +11,6 @@ waits on a rank that ran dry.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -398,24 +397,19 @@ class KadidDataset(Dataset):
     left out (``self.left_out`` counts them)."""
 
     def __init__(self, root: str | Path, class_table: list[dict], input_hw: tuple[int, int]):
+        from .iqa_datasets import load_kadid10k  # one reader of the KADID-10k layout
+
         root = Path(root)
-        csv_path = root / "dmos.csv"
-        if not csv_path.is_file():
-            raise ValueError(f"{root}: no dmos.csv (expected the KADID-10k folder)")
         base_by_type = {t["id"]: t["class_base"] for t in class_table}
         self.items: list[tuple[Path, int]] = []
         self.left_out = 0
-        with open(csv_path, newline="") as f:
-            for row in csv.DictReader(f):
-                match = _KADID_NAME.match(row.get("dist_img", ""))
-                if not match:
-                    raise ValueError(f"{csv_path}: unexpected dist_img {row.get('dist_img')!r}")
-                kind, level = int(match[2]), int(match[3])
-                if kind not in base_by_type:
-                    self.left_out += 1
-                    continue
-                self.items.append((root / "images" / row["dist_img"],
-                                   base_by_type[kind] + level - 1))
+        for path in load_kadid10k(root).paths:
+            match = _KADID_NAME.match(path.name)  # the loader has checked the names
+            kind, level = int(match[2]), int(match[3])
+            if kind not in base_by_type:
+                self.left_out += 1
+                continue
+            self.items.append((path, base_by_type[kind] + level - 1))
         if not self.items:
             raise ValueError(f"{root}: no image of a type in the class table")
         self.input_hw = input_hw
