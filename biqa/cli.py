@@ -22,7 +22,6 @@ def _size(min_side: int):
     return parse
 
 # ============================================================== biqa-gen (generator)
-# (section owned by the generator work: biqa.generator)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -122,7 +121,6 @@ def gen_main() -> None:
 
 
 # ============================================================ biqa-train-dpm (training)
-# (section owned by the DPM training work: biqa.training.pretrain)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -188,7 +186,6 @@ def train_dpm_main(shards, val_shards, out, arch, epochs, max_steps, batch_size,
 
 
 # ================================================== biqa-finetune / biqa-score (finetune)
-# (section owned by the fine-tuning work: biqa.training.finetune)
 
 
 def _cross_datasets(ctx, param, values) -> dict:
