@@ -1,5 +1,5 @@
 """Sample reference images shipped with biqa (scikit-image's data, public domain / CC0 /
-CC-BY; see docs/sample_refs.md), resized to cover 512x384 and centre-cropped."""
+see docs/sample_refs.md), resized to cover 512x384 and centre-cropped."""
 
 from __future__ import annotations
 
