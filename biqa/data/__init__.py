@@ -1,4 +1,4 @@
-"""Sample reference images shipped with biqa (scikit-image's data, public domain / CC0 /
+"""Sample reference images shipped with biqa (scikit-image's data, public domain or CC0;
 see docs/sample_refs.md), resized to cover 512x384 and centre-cropped."""
 
 from __future__ import annotations
