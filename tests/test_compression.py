@@ -9,10 +9,10 @@ from PIL import Image
 
 from biqa.data import sample_reference_paths
 from biqa.distortions import distort, get, registry
-from biqa.distortions._matlab import mapmm, psnr
+from biqa.distortions._matlab import im2uint8, mapmm, psnr
+from biqa.distortions.api import run_stretched
 from biqa.distortions.compression import (CALIBRATION_TARGETS_DB, CODEC_SPECS, CODECS,
-                                          _kadid_uint8, _pillow_decode,
-                                          encode_jpeg2000)
+                                          _pillow_decode, encode_jpeg2000)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_jpeg_matches_original(reference, level):
 
 
 def test_jpeg2000_hits_ratio_and_degrades_monotonically(samples):
-    inputs = [_kadid_uint8(mapmm(im.astype(np.float64))) for im in samples]  # what type 9 codes
+    inputs = [im2uint8(mapmm(im.astype(np.float64))) for im in samples]  # what type 9 codes
     mean_psnr = []
     for ratio in get(9).params:
         coded = [encode_jpeg2000(im, ratio, "rates") for im in inputs]
@@ -41,13 +41,17 @@ def test_jpeg2000_hits_ratio_and_degrades_monotonically(samples):
     assert all(a > b for a, b in zip(mean_psnr, mean_psnr[1:])), mean_psnr
 
 
-def test_kadid_uint8_rounds_ties_up_like_matlab():
-    # 255 * 1/2 and 255 * 3/510-style ties of a stretched image: float32 misses them.
-    span = 232
+def test_kadid_codecs_see_the_stretch_in_double_precision():
+    # An image spanning 0..200 stretches to k*255/200: its five ties (k*1.275 = n+0.5)
+    # must round up as in MATLAB's double arithmetic; a float32 stretch misses two.
+    span = 200
     values = np.arange(span + 1, dtype=np.float64)
-    stretched = (values / span).astype(np.float32)[None, :, None].repeat(3, axis=2)
-    want = np.floor(values * 255 / span + 0.5)  # exact arithmetic, half away from zero
-    assert np.array_equal(_kadid_uint8(stretched)[0, :, 0], want.astype(np.uint8))
+    image = np.repeat(values.astype(np.uint8)[None, :, None], 3, axis=2).repeat(2, axis=0)
+    want = np.floor(values * 255 / span + 0.5).astype(np.uint8)
+    for type_id in (9, 10):
+        seen = run_stretched(lambda x: im2uint8(x.astype(np.float64)) / 255.0, image,
+                             get(type_id).input_dtype)
+        assert np.array_equal(seen[0, :, 0], want), type_id
 
 
 def test_codec_ids_and_the_vipnet_stand_in():

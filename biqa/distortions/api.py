@@ -63,10 +63,10 @@ def apply_spec(spec: DistortionSpec, image: np.ndarray, level: int,
     param = spec.params[level - 1]
     if not spec.kadid_stretch:
         return spec.fn(image, param, rng)
-    return run_stretched(lambda x: spec.fn(x, param, rng), image)
+    return run_stretched(lambda x: spec.fn(x, param, rng), image, spec.input_dtype)
 
 
-def run_stretched(pixel_fn, image: np.ndarray) -> np.ndarray:
+def run_stretched(pixel_fn, image: np.ndarray, dtype="float32") -> np.ndarray:
     """The KADID entry point around a pixel function: min-max stretch the uint8 input
     (from its integer values), apply, stretch the output again, ``im2uint8``.
 
@@ -76,7 +76,7 @@ def run_stretched(pixel_fn, image: np.ndarray) -> np.ndarray:
     lo, hi = int(image.min()), int(image.max())
     levels = np.arange(256, dtype=np.float64)
     lut = (levels - lo) / (hi - lo) if hi > lo else levels
-    x = lut.astype(np.float32)[image]
+    x = lut.astype(dtype)[image]
     return stretch_to_uint8(np.asarray(pixel_fn(x)))
 
 

@@ -154,32 +154,17 @@ def decode_jpegxl(data: bytes) -> np.ndarray:
 
 # ------------------------------------------------------------- KADID 9 and 10
 
-def _kadid_uint8(img: np.ndarray) -> np.ndarray:
-    """MATLAB ``im2uint8`` of the stretched image, as MATLAB computes it in double.
-
-    In double, 255 times a min-max stretch of integers lands exactly on k+0.5
-    wherever the exact value does, and rounds up; the float32 image we are
-    handed misses those ties by ~1e-5 either way.  A stretched 8-bit value that
-    is not a tie lies at least 1/510 away from one, so snapping within 1e-4
-    restores MATLAB's rounding without touching anything else.
-    """
-    x = np.asarray(img, dtype=np.float64)
-    half = np.floor(x * 255.0) + 0.5
-    tie = np.abs(x * 255.0 - half) < 1e-4
-    return im2uint8(np.where(tie, half / 255.0, x))
-
-
 def jpeg2000(img: np.ndarray, ratio: float, rng=None) -> np.ndarray:
     """KADID type 9: JPEG 2000 at a compression ratio (OpenJPEG standing in for
     MATLAB's Kakadu; see docs/codecs.md)."""
-    data = encode_jpeg2000(_kadid_uint8(img), ratio, "rates")
+    data = encode_jpeg2000(im2uint8(img), ratio, "rates")
     return _pillow_decode(data) / 255.0
 
 
 def jpeg(img: np.ndarray, quality: int, rng=None) -> np.ndarray:
     """KADID type 10: baseline JPEG, IJG quality, 4:2:0 -- pixel-identical to the
     original's output on the reference images."""
-    data = encode_jpeg(_kadid_uint8(img), quality, "4:2:0")
+    data = encode_jpeg(im2uint8(img), quality, "4:2:0")
     return _pillow_decode(data) / 255.0
 
 

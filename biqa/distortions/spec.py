@@ -33,6 +33,10 @@ class DistortionSpec:
     stochastic: bool
     fn: Callable
     kadid_stretch: bool = True
+    # float32 is plenty for pixel work; a type that quantises its input to 8 bits
+    # first (the KADID codecs) needs the stretch in double, as MATLAB has it, or
+    # values on exact .5 ties round the wrong way.
+    input_dtype: str = "float32"
     min_size: int = 64  # smallest height and width the type supports
     description: str = ""
 
