@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from biqa.training.data import ShardStream, make_loader, normalise, open_shards
+from biqa.training.data import ShardStream, dpm_input, make_loader, open_shards
 from biqa.training.models import create_model
 
 
@@ -60,7 +60,7 @@ def train_rate(arch: str, device: str, batch: int, steps: int, amp: bool) -> flo
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
 
     def step():
-        x = normalise(images)
+        x = dpm_input(images)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device, dtype=dtype, enabled=amp):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from biqa.cli import finetune, score
 from biqa.distortions import distort
-from biqa.training.data import NORMALISATION, to_ycbcr
+from biqa.training.data import NORMALISATION, dpm_input
 from biqa.training.finetune import (FinetuneConfig, LabelScale, fixed_offsets, protocol_labels)
 from biqa.training.iqa_datasets import load_dataset, split_by_content
 from biqa.training.metrics import srcc
@@ -50,8 +50,6 @@ def dpm_checkpoint(tmp_path_factory):
                 images.append(distort(ref, kind, level, rng=int(rng.integers(2**31))))
                 labels.append(5 * k + level - 1)
     images, labels = np.stack(images), torch.tensor(labels)
-    mean = torch.tensor(NORMALISATION["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(NORMALISATION["std"]).view(1, 3, 1, 1)
     h, w = images.shape[1:3]
 
     def batch(idx):
@@ -59,8 +57,8 @@ def dpm_checkpoint(tmp_path_factory):
         for i in idx:
             top, left = rng.integers(0, h - PATCH[1] + 1), rng.integers(0, w - PATCH[0] + 1)
             crop = np.ascontiguousarray(images[i, top:top + PATCH[1], left:left + PATCH[0]])
-            crops.append(to_ycbcr(crop).transpose(2, 0, 1))
-        return (torch.from_numpy(np.stack(crops)).float() / 255 - mean) / std
+            crops.append(crop.transpose(2, 0, 1))
+        return dpm_input(torch.from_numpy(np.stack(crops)))
 
     torch.manual_seed(0)
     model = create_model("tiny", num_classes=10)

@@ -22,8 +22,8 @@ from PIL import Image
 from biqa.data import sample_reference_paths
 from biqa.distortions import distort
 from biqa.generator import generate
-from biqa.training.data import (ShardStream, crop_or_pad, deal_balanced, open_shards,
-                                split_quota, to_ycbcr, worker_plan)
+from biqa.training.data import (ShardStream, crop_or_pad, deal_balanced, dpm_input,
+                                open_shards, split_quota, worker_plan)
 from biqa.training.pretrain import TrainConfig, load_dpm, train
 
 torch.set_num_threads(1)
@@ -170,7 +170,10 @@ def test_dealing_balances_loads():
 
 def test_pixels_ycbcr_and_padding():
     rgb = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
-    assert np.array_equal(to_ycbcr(rgb), np.asarray(Image.fromarray(rgb).convert("YCbCr")))
+    pil = np.asarray(Image.fromarray(rgb).convert("YCbCr")).astype(np.float64)
+    ours = dpm_input(torch.from_numpy(rgb.transpose(2, 0, 1)[None].copy()), (0, 0, 0), (1, 1, 1))
+    ours = ours[0].numpy().transpose(1, 2, 0) * 255.0
+    assert (ours - pil).min() > -0.05 and (ours - pil).max() < 1.0  # Pillow truncates
     padded = crop_or_pad(rgb, (24, 40), 0, 0)
     assert padded.shape == (24, 40, 3)
     assert np.array_equal(padded[2:22, 5:35], rgb)

@@ -27,7 +27,7 @@ from webdataset.tariterators import tarfile_samples
 
 from biqa.shards import reader
 
-# VIPNet's pre-training normalisation, applied to PIL's YCbCr (JPEG full range) / 255.
+# VIPNet's pre-training normalisation, applied to full-range YCbCr / 255 (``dpm_input``).
 YCBCR_MEAN = (0.448, 0.483, 0.491)
 YCBCR_STD = (0.248, 0.114, 0.106)
 NORMALISATION = {"colour": "ycbcr", "mean": list(YCBCR_MEAN), "std": list(YCBCR_STD)}
@@ -172,16 +172,11 @@ def crop_or_pad(image: np.ndarray, out_hw: tuple[int, int], top: int, left: int)
     return image[top:top + out_hw[0], left:left + out_hw[1]]
 
 
-def to_ycbcr(rgb: np.ndarray) -> np.ndarray:
-    """PIL's YCbCr conversion, exactly what VIPNet's loader feeds its network."""
-    return np.asarray(Image.fromarray(rgb).convert("YCbCr"))
-
-
 def prepare(images: list[np.ndarray], out_hw: tuple[int, int],
             rng: np.random.Generator | None) -> torch.Tensor:
-    """Crop (random with ``rng``, else centre), flip (p=0.5 with ``rng``) and convert to YCbCr
-    uint8 (n, 3, H, W).  Images of one pair share the crop and flip so they show the same
-    content."""
+    """Crop (random with ``rng``, else centre) and flip (p=0.5 with ``rng``) to RGB uint8
+    (n, 3, H, W); ``dpm_input`` converts on the device.  Images of one pair share the crop
+    and flip so they show the same content."""
     top, left = crop_box(*images[0].shape[:2], out_hw, rng)
     flip = rng is not None and rng.random() < 0.5
     out = []
@@ -189,16 +184,30 @@ def prepare(images: list[np.ndarray], out_hw: tuple[int, int],
         patch = crop_or_pad(image, out_hw, top, left)
         if flip:
             patch = patch[:, ::-1]
-        out.append(to_ycbcr(np.ascontiguousarray(patch)).transpose(2, 0, 1))
+        out.append(np.ascontiguousarray(patch).transpose(2, 0, 1))
     return torch.from_numpy(np.stack(out))
 
 
-def normalise(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) YCbCr -> float with VIPNet's mean/std (done on the device: a quarter
-    of the bytes cross the bus)."""
-    mean = torch.tensor(YCBCR_MEAN, device=batch.device).view(1, 3, 1, 1)
-    std = torch.tensor(YCBCR_STD, device=batch.device).view(1, 3, 1, 1)
-    return (batch.float() / 255.0 - mean) / std
+# JPEG/JFIF full-range BT.601 (Pillow's convert('YCbCr'), which VIPNet's loader used).
+_RGB_TO_YCBCR = ((0.299, 0.587, 0.114),
+                 (-0.168736, -0.331264, 0.5),
+                 (0.5, -0.418688, -0.081312))
+_YCBCR_OFFSET = (0.0, 128.0, 128.0)
+
+
+def dpm_input(rgb_uint8: torch.Tensor, mean=YCBCR_MEAN, std=YCBCR_STD) -> torch.Tensor:
+    """uint8 RGB (B, 3, H, W) -> the DPM's input: YCbCr / 255 with VIPNet's mean/std.
+
+    The one conversion used in pre-training, validation, fine-tuning and scoring, done
+    on the device (a quarter of the bytes cross the bus); in float, so it differs from
+    Pillow's integer YCbCr, which truncates, by less than one grey level."""
+    device = rgb_uint8.device
+    matrix = torch.tensor(_RGB_TO_YCBCR, device=device)
+    offset = torch.tensor(_YCBCR_OFFSET, device=device).view(1, 3, 1, 1)
+    ycbcr = torch.einsum("ij,bjhw->bihw", matrix, rgb_uint8.float()) + offset
+    mean = torch.as_tensor(mean, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+    return (ycbcr / 255.0 - mean) / std
 
 
 # ------------------------------------------------------------------------- stream stages

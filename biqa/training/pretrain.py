@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import (LEVELS, NORMALISATION, KadidDataset, ShardSet, ShardStream, make_loader,
-                   normalise, open_shards)
+                   dpm_input, open_shards)
 from .models import ARCHS, create_model, load_torchvision_weights
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ def save_confusion_png(confusion: np.ndarray, class_table: list[dict], path: str
 
 # ----------------------------------------------------------------------------- plumbing
 def _to_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = normalise(images.to(device, non_blocking=True))
+    x = dpm_input(images.to(device, non_blocking=True))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import YCBCR_MEAN, YCBCR_STD
+from .data import YCBCR_MEAN, YCBCR_STD, dpm_input
 from .models import create_model, load_torchvision_weights
 from .pretrain import load_dpm
 
@@ -38,11 +38,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_PATCH_SIZE = (384, 288)  # (width, height)
 
-# JPEG/JFIF full-range BT.601, as Pillow's convert('YCbCr').
-_RGB_TO_YCBCR = torch.tensor([[0.299, 0.587, 0.114],
-                              [-0.168736, -0.331264, 0.5],
-                              [0.5, -0.418688, -0.081312]])
-_YCBCR_OFFSET = torch.tensor([0.0, 128.0, 128.0])
 
 
 class FrozenBranch(nn.Module):
@@ -167,8 +162,6 @@ class VIPNet(nn.Module):
         self.register_buffer("rgb_std", _buffer(IMAGENET_STD))
         self.register_buffer("dpm_mean", _buffer(dpm_mean))
         self.register_buffer("dpm_std", _buffer(dpm_std))
-        self.register_buffer("ycbcr_matrix", _RGB_TO_YCBCR.clone())
-        self.register_buffer("ycbcr_offset", _YCBCR_OFFSET.view(1, 3, 1, 1).clone())
         grid_hw, dpm_channels = self._probe(patch_size)
         self.content = MultiScaleContent(cpm.feature_channels, grid_hw)
         self.interaction = Interaction(self.content.out_channels + dpm_channels, grid_hw,
@@ -190,10 +183,8 @@ class VIPNet(nn.Module):
 
     def _inputs(self, rgb_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised RGB for the CPM and normalised YCbCr for the DPM."""
-        x = rgb_uint8.float()
-        ycbcr = torch.einsum("ij,bjhw->bihw", self.ycbcr_matrix, x) + self.ycbcr_offset
-        rgb = (x / 255.0 - self.rgb_mean) / self.rgb_std
-        return rgb, (ycbcr / 255.0 - self.dpm_mean) / self.dpm_std
+        rgb = (rgb_uint8.float() / 255.0 - self.rgb_mean) / self.rgb_std
+        return rgb, dpm_input(rgb_uint8, self.dpm_mean, self.dpm_std)
 
     def forward(self, rgb_uint8: torch.Tensor) -> torch.Tensor:
         rgb, ycbcr = self._inputs(rgb_uint8)
