@@ -7,9 +7,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .finetune import LabelScale, load_model, predict, resolve_device
+from biqa.generator.refs import IMAGE_EXTENSIONS
 
-IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"}
+from .finetune import LabelScale, load_model, predict, resolve_device
 
 
 def image_files(items) -> list[Path]:
@@ -18,7 +18,7 @@ def image_files(items) -> list[Path]:
     for item in map(Path, items):
         if item.is_dir():
             out += sorted(p for p in item.rglob("*")
-                          if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                          if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         elif item.is_file():
             out.append(item)
         else:
