@@ -38,16 +38,25 @@ def _fsync_and_replace(tmp: str, final_path: str, f) -> None:
     os.replace(tmp, final_path)
 
 
-def atomic_write_bytes(final_path: str, data: bytes) -> None:
-    """Write ``data`` so that ``final_path`` is either absent, old, or complete."""
+def atomic_write(final_path, write) -> None:
+    """Write a file through ``write(binary_file)`` so that ``final_path`` is either
+    absent, old, or complete -- the one way biqa writes any output file.  Creates the
+    parent folder if needed."""
+    final_path = str(final_path)
+    os.makedirs(os.path.dirname(final_path) or ".", exist_ok=True)
     tmp = temp_name(final_path)
     try:
         f = open(tmp, "wb")
-        f.write(data)
+        write(f)
         _fsync_and_replace(tmp, final_path, f)
     except BaseException:
         _unlink_quietly(tmp)
         raise
+
+
+def atomic_write_bytes(final_path, data: bytes) -> None:
+    """``atomic_write`` of a bytes object."""
+    atomic_write(final_path, lambda f: f.write(data))
 
 
 def _unlink_quietly(path: str) -> None:

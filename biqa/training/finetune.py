@@ -20,9 +20,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +31,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
+
+from biqa.shards.writer import atomic_write, atomic_write_bytes
 
 from . import metrics
 from .iqa_datasets import IQADataset, Split, load_dataset, split_by_content
@@ -177,28 +177,14 @@ class LabelScale:
         return self.mean + sign * self.std * np.asarray(quality, dtype=np.float64)
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash never
-    leaves a half-written file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, obj) -> None:
-    _atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
+    atomic_write_bytes(path, json.dumps(obj, indent=2).encode() + b"\n")
 
 
 def save_model(path: Path, model: VIPNet, config: dict) -> None:
     """A self-contained checkpoint (every weight + config), loadable with weights_only."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(path, lambda f: torch.save({"model": state, "config": config}, f))
+    atomic_write(path, lambda f: torch.save({"model": state, "config": config}, f))
 
 
 def load_model(path: str | Path, map_location="cpu") -> tuple[VIPNet, dict]:
@@ -478,7 +464,7 @@ def plot_per_type(per_type: dict[str, float], path: Path, title: str) -> None:
     draw.line([zero, top, zero, top + row * len(names)], fill="black")
     draw.text((label_w - 4, height - 22), f"{low:g}", fill="black", font=font)
     draw.text((label_w + bar_w - 8, height - 22), "1", fill="black", font=font)
-    _atomic_write_bytes(path, lambda f: image.save(f, format="PNG"))
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 def run_finetune(cfg: FinetuneConfig, say=log.info) -> dict:

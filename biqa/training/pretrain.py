@@ -27,6 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from biqa.shards.writer import atomic_write
+
 from .data import (LEVELS, NORMALISATION, KadidDataset, ShardSet, ShardStream, make_loader,
                    dpm_input, open_shards)
 from .models import ARCHS, create_model, load_torchvision_weights
@@ -134,10 +136,7 @@ def _plain_config(config: TrainConfig, shards: ShardSet) -> dict:
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """torch.save to a temporary name, then rename: a crash never leaves a torn file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_dpm(path: str | Path, map_location: str | torch.device = "cpu"
@@ -238,9 +237,7 @@ def save_confusion_png(confusion: np.ndarray, class_table: list[dict], path: str
         draw.line([(at, margin), (at, margin + n * cell)], fill=(160, 160, 160))
         draw.text((2, at + 1), str(entry["id"]), fill="black", font=font)
         draw.text((at + 1, 2), str(entry["id"]), fill="black", font=font)
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    canvas.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: canvas.save(f, format="PNG"))
 
 
 # ----------------------------------------------------------------------------- plumbing
