@@ -35,6 +35,7 @@ from tqdm import tqdm
 from biqa.shards.writer import atomic_write, atomic_write_bytes
 
 from . import metrics
+from .data import crop_box
 from .iqa_datasets import IQADataset, Split, load_dataset, split_by_content
 from .vipnet import DEFAULT_PATCH_SIZE, VIPNet, build_vipnet, vipnet_from_config
 
@@ -80,11 +81,6 @@ def fixed_offsets(image_hw: tuple[int, int], patch_hw: tuple[int, int], n: int) 
     return [(round(y * (h - ph)), round(x * (w - pw))) for y, x in points]
 
 
-def random_offset(image_hw, patch_hw, rng: np.random.Generator) -> tuple[int, int]:
-    (h, w), (ph, pw) = image_hw, patch_hw
-    return int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
-
-
 def _crop(image: np.ndarray, top: int, left: int, patch_hw) -> np.ndarray:
     return image[top:top + patch_hw[0], left:left + patch_hw[1]]
 
@@ -109,7 +105,7 @@ class TrainPatches(Dataset):
         rng = np.random.default_rng(np.random.SeedSequence([*self.seed, self.epoch, item]))
         index = item // self.patches
         image = load_rgb(self.paths[index], self.patch_hw[::-1])
-        patch = _crop(image, *random_offset(image.shape[:2], self.patch_hw, rng), self.patch_hw)
+        patch = _crop(image, *crop_box(*image.shape[:2], self.patch_hw, rng), self.patch_hw)
         if rng.random() < 0.5:
             patch = patch[:, ::-1]
         return _chw(patch), self.targets[index]
