@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._matlab import hsv2rgb, im2uint8, psnr_from_sse, rgb2hsv
+from ._matlab import gaussian_kernel_1d, hsv2rgb, im2uint8, psnr_from_sse, rgb2hsv
 from .spec import DistortionNotApplicable
 
 # ------------------------------------------------------------------ 26 pink noise
@@ -163,10 +163,7 @@ def green_shift(i: int) -> int:
 def _gaussian_taps(hsize: int) -> np.ndarray:
     """1-D factor of ``fspecial('gaussian', hsize, hsize/6)`` (no tap falls below
     its eps cut for these sizes, so the 2-D kernel is exactly separable)."""
-    sigma = hsize / 6.0
-    x = np.arange(hsize, dtype=np.float64) - (hsize - 1) / 2.0
-    g = np.exp(-(x * x) / (2.0 * sigma * sigma))
-    return g / g.sum()
+    return gaussian_kernel_1d(hsize / 6.0, hsize)
 
 
 def _anchor(n: int) -> int:
