@@ -220,3 +220,10 @@ def test_cli_errors_are_clear(tmp_path, toy_data):
     torch.save({"weights": 1}, not_a_model)
     result = runner.invoke(score, ["--model", str(not_a_model), str(toy_data["tid2013"])])
     assert result.exit_code == 2 and "not a biqa-finetune model" in result.output
+    not_a_torch_file = tmp_path / "junk.pt"
+    not_a_torch_file.write_text("junk\n")
+    for command, args in ((score, ["--model", str(not_a_torch_file), str(toy_data["tid2013"])]),
+                          (finetune, ["--dataset", "tid2013", "--root", str(toy_data["tid2013"]),
+                                      "--dpm", str(not_a_torch_file)])):
+        result = runner.invoke(command, args)
+        assert result.exit_code == 2 and "cannot read it as" in result.output, result.output

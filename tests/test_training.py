@@ -117,6 +117,8 @@ def test_brace_pattern_selects_shards_and_their_counts(shards):
     part = open_shards(str(shards["train"] / "shard-{000001..000002}.tar"))
     assert part.urls == whole.urls[1:] and part.counts == [35, 30]
     assert part.class_table == whole.class_table and part.num_classes == 20
+    url = open_shards(f"file://{shards['train']}/shard-{{000001..000002}}.tar")  # via gopen
+    assert url.counts == [35, 30] and url.class_table == whole.class_table
 
 
 def test_pairs_share_reference_and_type_at_two_levels(shards):
@@ -271,7 +273,8 @@ def test_kadid_folder_evaluation(shards, tmp_path):
 @pytest.mark.parametrize("bad, message", [
     (["--input-size", "64"], "expected WxH"),
     (["--input-size", "16x16"], "at least 32"),
-    (["--shards", "/nonexistent/x-{0..3}.tar"], "manifest"),
+    (["--shards", "/nonexistent/x-{0..3}.tar"], "no such shard"),
+    (["--shards", "file:///nonexistent/x-{0..3}.tar"], "cannot read the manifest"),
     (["--ranking-weight", "1", "--batch-size", "7"], "even"),
 ])
 def test_cli_rejects_bad_input(shards, tmp_path, launcher, bad, message):

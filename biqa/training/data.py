@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
-from webdataset import gopen
+from webdataset.gopen import gopen
 from webdataset.tariterators import tarfile_samples
 
 from biqa.shards import reader
@@ -73,6 +73,8 @@ def open_shards(spec: str) -> ShardSet:
     if os.path.isdir(spec):
         manifest = reader.load_manifest(spec)
         urls = reader.shard_paths(spec)
+    elif ":" not in spec and not any(os.path.exists(u) for u in _expand_pattern(spec)):
+        raise ValueError(f"{spec!r}: no such shard folder, and no shard file matches it")
     else:
         urls = _expand_pattern(spec)
         manifest = _load_remote_manifest(urls[0]) if urls else {}
@@ -93,7 +95,7 @@ def _load_remote_manifest(first_url: str) -> dict:
     if os.path.isdir(base):
         return reader.load_manifest(base)
     try:
-        with gopen.gopen(f"{base}/manifest.json") as stream:
+        with gopen(f"{base}/manifest.json") as stream:
             return json.load(stream)
     except Exception as exc:  # any transport error: say which manifest we could not get
         raise ValueError(f"cannot read the manifest beside {first_url!r}: {exc}") from exc

@@ -36,6 +36,7 @@ from biqa.shards.writer import atomic_write, atomic_write_bytes
 
 from . import metrics
 from .data import crop_box
+from .models import read_torch_file
 from .iqa_datasets import IQADataset, Split, load_dataset, split_by_content
 from .vipnet import DEFAULT_PATCH_SIZE, VIPNet, build_vipnet, vipnet_from_config
 
@@ -185,10 +186,7 @@ def save_model(path: Path, model: VIPNet, config: dict) -> None:
 
 def load_model(path: str | Path, map_location="cpu") -> tuple[VIPNet, dict]:
     """A fine-tuned VIPNet and its config (architecture, patch size, label scale)."""
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise ValueError(f"cannot read the model {path}: {exc}") from None
+    ckpt = read_torch_file(path, "a biqa-finetune model", map_location)
     if not isinstance(ckpt, dict) or "label" not in ckpt.get("config", {}):
         raise ValueError(f"{path} is not a biqa-finetune model (expected 'model' and a "
                          "'config' with a 'label' scale)")

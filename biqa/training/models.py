@@ -293,6 +293,16 @@ def create_model(name: str, num_classes: int = 0, **kwargs) -> nn.Module:
     return _REGISTRY[name](num_classes, **kwargs)
 
 
+def read_torch_file(path, what: str, map_location="cpu"):
+    """``torch.load(path, weights_only=True)``, with a ``ValueError`` naming the file and
+    what was expected when it is missing, truncated or not a torch file at all."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # unpickling raises many types; all mean "not that file"
+        raise ValueError(f"{path}: cannot read it as {what}: {type(exc).__name__}: {exc}") \
+            from None
+
+
 def load_torchvision_weights(model: nn.Module, path: str) -> dict[str, list[str]]:
     """Load a torchvision-format ImageNet state dict (``resnet50-*.pth``) by parameter name.
 
@@ -302,7 +312,7 @@ def load_torchvision_weights(model: nn.Module, path: str) -> dict[str, list[str]
     initialisation (``missing``) and the file keys not used (``unexpected``)."""
     if isinstance(model, TinyNet):
         raise ValueError("the tiny model has no torchvision counterpart")
-    source = torch.load(path, map_location="cpu", weights_only=True)
+    source = read_torch_file(path, "a torchvision-format state dict")
     if not isinstance(source, dict):
         raise ValueError(f"{path}: not a state dict")
     source = source.get("state_dict", source)

@@ -31,7 +31,7 @@ from biqa.shards.writer import atomic_write
 
 from .data import (LEVELS, NORMALISATION, KadidDataset, ShardSet, ShardStream, make_loader,
                    dpm_input, open_shards)
-from .models import ARCHS, create_model, load_torchvision_weights
+from .models import ARCHS, create_model, load_torchvision_weights, read_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +144,15 @@ def load_dpm(path: str | Path, map_location: str | torch.device = "cpu"
     """(backbone with its classifier, config dict) from a checkpoint of ``train``.  The model
     is in eval mode; ``config`` holds arch, num_classes, input_size, class_table,
     normalisation."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    config = state["config"]
-    model = create_model(config["arch"], config["num_classes"],
-                         input_size=tuple(config["input_size"]))
+    state = read_torch_file(path, "a biqa-train-dpm checkpoint", map_location)
+    try:
+        config = state["config"]
+        model = create_model(config["arch"], config["num_classes"],
+                             input_size=tuple(config["input_size"]))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a biqa-train-dpm checkpoint (a dict with 'model' "
+                         f"and a 'config' naming arch, num_classes, input_size): {exc!r}") \
+            from None
     model.load_state_dict(state["model"])
     return model.to(map_location).eval(), config
 
@@ -332,7 +337,7 @@ def train(config: TrainConfig) -> dict:
     step, best_acc = 0, -1.0
     last_path, best_path = out / "last.pt", out / "best.pt"
     if config.resume and last_path.is_file():
-        state = torch.load(last_path, map_location=device, weights_only=True)
+        state = read_torch_file(last_path, "a biqa-train-dpm checkpoint", device)
         for key in ("arch", "num_classes", "input_size"):
             if state["config"][key] != plain_config[key]:
                 raise ValueError(f"--resume: {last_path} has {key}={state['config'][key]!r}, "

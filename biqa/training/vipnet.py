@@ -23,7 +23,6 @@ Its output is a quality score, higher = better, in standardised training units.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -205,16 +204,6 @@ def dpm_architecture(config: dict) -> nn.Module:
                         input_size=tuple(config["input_size"]))
 
 
-def read_dpm(path: str | Path) -> tuple[nn.Module, dict]:
-    """The DPM backbone and config of a ``biqa-train-dpm`` checkpoint, with a clear
-    error for anything else."""
-    try:
-        return load_dpm(path, "cpu")
-    except (OSError, RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"{path} is not a readable biqa-train-dpm checkpoint "
-                         f"(a dict with 'model' and 'config'): {exc!r}") from None
-
-
 def dpm_statistics(config: dict | None) -> tuple[tuple, tuple]:
     """(mean, std) of the DPM's YCbCr input, from its checkpoint config when it has them."""
     norm = (config or {}).get("normalisation") or {}
@@ -253,7 +242,7 @@ def build_vipnet(cpm_arch: str = "resnet50", cpm_weights: str | Path | None = No
         load_torchvision_weights(cpm_model, str(cpm_weights))
     dpm_config = None
     if dpm is not None:
-        dpm_model, dpm_config = read_dpm(dpm)
+        dpm_model, dpm_config = load_dpm(dpm, "cpu")
         dpm_arch = dpm_config["arch"]
     else:
         dpm_model = create_model(dpm_arch)
