@@ -106,6 +106,10 @@ def gen(refs, refs_root, distortions, levels, out, seed, workers, backend, sched
         click.echo("\nbiqa-gen: interrupted; completed shards are kept, re-run the same "
                    "command to finish the rest", err=True)
         raise SystemExit(130) from None
+    except OSError as exc:  # e.g. the output disk is full while writing the manifest
+        click.echo(f"biqa-gen: cannot write the output: {exc}; completed shards are kept, "
+                   "re-run the same command once the problem is fixed", err=True)
+        raise SystemExit(1) from None
     click.echo(summary_line(manifest))
     for failed in manifest["failed"]:
         last_line = failed["error"].strip().splitlines()[-1]

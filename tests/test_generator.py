@@ -226,6 +226,28 @@ def test_ctrl_c_keeps_complete_shards_and_says_how_to_resume(tmp_path):
     assert "already done" in rerun.stdout and not list(tmp_path.rglob("*.partial"))
 
 
+def test_failed_writes_leave_no_partial_files_and_a_rerun_completes(tmp_path):
+    """A file-size limit makes every shard write fail (EFBIG), as a full disk would."""
+    import resource
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
+
+    job = GEN_CMD + ["--distortions", "1", "--per-shard", "5", "--workers", "1",
+                     "--out", str(tmp_path)]
+    failed = subprocess.run(job, capture_output=True, text=True, preexec_fn=limited)
+    assert failed.returncode == 1
+    assert "failed after" in failed.stderr and "File too large" in failed.stderr
+    manifest = load_manifest(tmp_path)
+    assert manifest["status"] != "complete" and len(manifest["failed"]) == 7
+    assert not list(tmp_path.rglob("*.partial")) and not list(tmp_path.glob("*.tar"))
+    rerun = subprocess.run(job, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert load_manifest(tmp_path)["totals"]["samples"] == 35
+    assert not list(tmp_path.rglob("*.partial"))
+
+
 def test_folder_format_writes_loose_images(tmp_path):
     manifest = generate(out=str(tmp_path), distortions="21", levels="2", resize="128x96",
                         out_format="folder", workers=1, progress=False)

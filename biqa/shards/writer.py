@@ -124,7 +124,10 @@ class ShardWriter:
 
     def abort(self) -> None:
         if not self._committed:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass  # e.g. a full disk refusing the last buffered bytes: the file goes anyway
             _unlink_quietly(self._tmp)
 
     def __enter__(self) -> "ShardWriter":
