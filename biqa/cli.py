@@ -182,6 +182,9 @@ def train_dpm_main(shards, val_shards, out, arch, epochs, max_steps, batch_size,
         summary = train(config)
     except ValueError as exc:
         raise click.UsageError(str(exc))
+    except OSError as exc:  # e.g. a full disk while saving a checkpoint (never torn)
+        raise click.ClickException(f"{exc}; the last complete checkpoint is kept, "
+                                   "--resume continues from it")
     if summary["rank"] == 0:
         best = (f"best validation accuracy {summary['best_acc']:.4f}"
                 if summary["best_acc"] >= 0 else "no validation (no --val-shards)")
@@ -264,6 +267,9 @@ def finetune(dataset, root, dpm, dpm_arch, cpm_arch, cpm_weights, rounds, epochs
         results = run_finetune(cfg, say=lambda line: click.echo(line, err=True))
     except (DatasetError, ValueError) as exc:
         raise click.UsageError(str(exc))
+    except OSError as exc:  # e.g. a full disk while saving a round (never torn)
+        raise click.ClickException(f"{exc}; finished rounds are kept, re-running the same "
+                                   "command reuses them")
     click.echo(summary_table(results))
     click.echo(f"results: {out}/results.json")
 

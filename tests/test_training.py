@@ -195,6 +195,27 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def test_a_checkpoint_that_cannot_be_written_is_reported_and_not_torn(shards, tmp_path,
+                                                                       launcher):
+    """A file-size limit (as a full disk) makes saving last.pt fail mid-write."""
+    import resource
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    out = tmp_path / "full"
+    done = subprocess.run([sys.executable, str(launcher), "--shards", str(shards["val"]),
+                           "--out", str(out), "--arch", "tiny", "--batch-size", "8",
+                           "--input-size", "32x32", "--workers", "0", "--max-steps", "2"],
+                          env=_env(), capture_output=True, text=True, timeout=120,
+                          preexec_fn=limited)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "cannot write" in done.stderr and "Traceback" not in done.stderr
+    assert not (out / "last.pt").exists()
+    assert [p.name for p in out.iterdir()] == ["metrics.jsonl"]  # no torn or temp file
+
+
 def test_kill_and_resume_continues_from_saved_step(shards, tmp_path, launcher):
     out = tmp_path / "resume"
     args = [sys.executable, str(launcher), "--shards", str(shards["train"]), "--out", str(out),

@@ -36,7 +36,7 @@ from biqa.shards.writer import atomic_write, atomic_write_bytes
 
 from . import metrics
 from .data import crop_box
-from .models import read_torch_file
+from .models import read_torch_file, write_torch_file
 from .iqa_datasets import IQADataset, Split, load_dataset, split_by_content
 from .vipnet import DEFAULT_PATCH_SIZE, VIPNet, build_vipnet, vipnet_from_config
 
@@ -181,7 +181,7 @@ def write_json(path: Path, obj) -> None:
 def save_model(path: Path, model: VIPNet, config: dict) -> None:
     """A self-contained checkpoint (every weight + config), loadable with weights_only."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda f: torch.save({"model": state, "config": config}, f))
+    write_torch_file(path, {"model": state, "config": config})
 
 
 def load_model(path: str | Path, map_location="cpu") -> tuple[VIPNet, dict]:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from biqa.shards.writer import atomic_write
+
 log = logging.getLogger(__name__)
 
 DEFAULT_INPUT_SIZE = (384, 288)  # (width, height), VIPNet's 0.75 x 512x384
@@ -291,6 +293,19 @@ def create_model(name: str, num_classes: int = 0, **kwargs) -> nn.Module:
     if num_classes < 0:
         raise ValueError(f"num_classes must be >= 0, got {num_classes}")
     return _REGISTRY[name](num_classes, **kwargs)
+
+
+def write_torch_file(path, obj) -> None:
+    """``torch.save`` through a temporary file and a rename (a crash or a full disk never
+    leaves a torn file).  torch reports a failed write as RuntimeError; it becomes the
+    OSError it is."""
+    def save(f):
+        try:
+            torch.save(obj, f)
+        except RuntimeError as exc:
+            raise OSError(f"cannot write {path}: {exc}") from None
+
+    atomic_write(path, save)
 
 
 def read_torch_file(path, what: str, map_location="cpu"):

@@ -31,7 +31,8 @@ from biqa.shards.writer import atomic_write
 
 from .data import (LEVELS, NORMALISATION, KadidDataset, ShardSet, ShardStream, make_loader,
                    dpm_input, open_shards)
-from .models import ARCHS, create_model, load_torchvision_weights, read_torch_file
+from .models import (ARCHS, create_model, load_torchvision_weights, read_torch_file,
+                     write_torch_file)
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,8 @@ def _plain_config(config: TrainConfig, shards: ShardSet) -> dict:
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """torch.save to a temporary name, then rename: a crash never leaves a torn file."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    """Atomically: a crash or a full disk never leaves a torn checkpoint."""
+    write_torch_file(path, state)
 
 
 def load_dpm(path: str | Path, map_location: str | torch.device = "cpu"
