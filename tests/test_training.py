@@ -172,11 +172,23 @@ def test_dealing_balances_loads():
 
 
 def test_pixels_ycbcr_and_padding():
-    rgb = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
-    pil = np.asarray(Image.fromarray(rgb).convert("YCbCr")).astype(np.float64)
-    ours = dpm_input(torch.from_numpy(rgb.transpose(2, 0, 1)[None].copy()), (0, 0, 0), (1, 1, 1))
-    ours = ours[0].numpy().transpose(1, 2, 0) * 255.0
-    assert (ours - pil).min() > -0.05 and (ours - pil).max() < 1.0  # Pillow truncates
+    """dpm_input against Pillow's YCbCr on every one of the 2^24 colours.  Pillow truncates
+    (up to 1 grey level below the exact value, 1 included: RGB (77, 87, 122) has Y exactly 88
+    and Pillow gives 87) and its fixed-point coefficient tables are off by up to 0.05 either
+    way, so the exact difference lies in (-0.05, 1.05); measured: [-0.047, 1.007]."""
+    v = np.arange(1 << 24, dtype=np.uint32)
+    rgb = np.stack([(v >> 16) & 255, (v >> 8) & 255, v & 255], -1).astype(np.uint8)
+    rgb = rgb.reshape(4096, 4096, 3)
+    pil = np.asarray(Image.fromarray(rgb).convert("YCbCr"))
+    for rows in range(0, 4096, 1024):
+        part = torch.from_numpy(rgb[rows:rows + 1024].transpose(2, 0, 1)[None].copy())
+        ours = dpm_input(part, (0, 0, 0), (1, 1, 1))[0].numpy().transpose(1, 2, 0) * 255.0
+        diff = ours - pil[rows:rows + 1024]
+        assert diff.min() > -0.05 and diff.max() < 1.05
+    edge = torch.tensor([77, 87, 122], dtype=torch.uint8).view(1, 3, 1, 1)
+    assert abs(float(dpm_input(edge, (0, 0, 0), (1, 1, 1))[0, 0]) * 255.0 - 88.0) < 1e-3
+    assert pil[77 * 16 + 87 // 16, (87 % 16) * 256 + 122, 0] == 87
+    rgb = rgb[:20, :30]
     padded = crop_or_pad(rgb, (24, 40), 0, 0)
     assert padded.shape == (24, 40, 3)
     assert np.array_equal(padded[2:22, 5:35], rgb)
