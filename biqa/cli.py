@@ -6,6 +6,8 @@ so everything a flag does can also be done from Python.
 
 from __future__ import annotations
 
+import os
+
 import click
 
 
@@ -127,11 +129,34 @@ def gen_main() -> None:
 # ============================================================ biqa-train-dpm (training)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def _plan_line(config, shards, val_shards) -> str:
+    """What a run is about to do, from the manifest alone (printed before torch loads)."""
+    per_step = config.batch_size
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps_per_epoch = max(shards.samples // (per_step * world), 0)
+    steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        steps = min(steps, config.max_steps)
+    w, h = config.input_size
+    val = (f"; validating on {val_shards.samples} samples" if val_shards is not None
+           else "; no --val-shards: no validation")
+    missing = (f" ({shards.missing_samples} samples of missing shards skipped)"
+               if shards.missing else "")
+    return (f"biqa-train-dpm: {shards.samples} samples in {len(shards.urls)} shards{missing}, "
+            f"{len(shards.class_table)} types ({shards.num_classes} classes){val}; {config.arch} "
+            f"at {w}x{h}, batch {per_step}{f' x {world} ranks' if world > 1 else ''}, "
+            f"{steps_per_epoch} steps per epoch, {steps} steps; loading torch ...")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--shards", required=True, help="Shard folder (with manifest.json) or brace URL pattern.")
 @click.option("--val-shards", default=None, help="Held-out shards for validation (same type table).")
 @click.option("--out", default="runs/dpm", show_default=True, type=click.Path(file_okay=False),
               help="Output folder: last.pt, best.pt, metrics.jsonl, confusion.png.")
+@click.option("--smoke", is_flag=True,
+              help="A short CPU run that shows the whole pipeline working (tiny model at "
+                   "128x96, batch 32, 150 steps: about a minute on two cores). Flags given "
+                   "explicitly still win.")
 @click.option("--arch", default="botnet50", show_default=True,
               type=click.Choice(["botnet50", "resnet50", "resnet18", "tiny"]))
 @click.option("--epochs", default=40, show_default=True, type=click.IntRange(min=1))
@@ -139,11 +164,16 @@ def gen_main() -> None:
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Images per step and process.")
 @click.option("--lr", default=0.05, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0),
-              help="DataLoader workers per process.")
-@click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]),
-              help="Default: cuda when available.")
-@click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA (bf16 where supported).")
+@click.option("--workers", default=None, type=click.IntRange(min=0),
+              help="DataLoader workers per process [default: the cores available per process, "
+                   "less one].")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+              help="cuda (with torchrun: LOCAL_RANK modulo the visible GPUs) when available.")
+@click.option("--amp/--no-amp", default=None,
+              help="Mixed precision [default: on for CUDA, off on the CPU].")
+@click.option("--amp-dtype", default=None, type=click.Choice(["bf16", "fp16"]),
+              help="Autocast dtype [default: bf16 where the GPU has it natively, else fp16 with "
+                   "a grad scaler].")
 @click.option("--ranking-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Weight of the pairwise quality ranking loss (0: off).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt if it exists.")
@@ -159,25 +189,64 @@ def gen_main() -> None:
 @click.option("--kadid-root", default=None, type=click.Path(exists=True, file_okay=False),
               help="KADID-10k folder (dmos.csv, images/) to evaluate on each epoch.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--shuffle-buffer", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Samples (pairs with ranking) held by each worker's shuffle buffer.")
-def train_dpm_main(shards, val_shards, out, arch, epochs, max_steps, batch_size, lr, workers,
-                   device, amp, ranking_weight, resume, input_size, init_weights, compile_,
-                   log_every, save_every, val_every, kadid_root, seed, shuffle_buffer):
+@click.option("--allow-incomplete", is_flag=True,
+              help="Train on the complete shards of a biqa-gen run that did not finish.")
+@click.pass_context
+def train_dpm_main(ctx, shards, val_shards, out, smoke, arch, epochs, max_steps, batch_size, lr,
+                   workers, device, amp, amp_dtype, ranking_weight, resume, input_size,
+                   init_weights, compile_, log_every, save_every, val_every, kadid_root, seed,
+                   allow_incomplete):
     """Pre-train the distortion perception model on biqa-gen shards (VIPNet's recipe by
-    default); run under torchrun for data parallelism."""
+    default: needs a GPU); run under torchrun for data parallelism.
+
+    \b
+    biqa-train-dpm --shards shards/ --smoke                 # a one-minute CPU run
+    biqa-train-dpm --shards shards/ --val-shards val/      # VIPNet's recipe on a GPU
+    torchrun --nproc-per-node 8 $(which biqa-train-dpm) --shards shards/  # 8 GPUs
+    """
     import logging
 
-    from biqa.training.pretrain import TrainConfig, train
+    from biqa.shards.reader import open_shards
+    from biqa.training.config import SMOKE, TrainConfig
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+
+    settings = dict(shards=shards, val_shards=val_shards, out=out, arch=arch, epochs=epochs,
+                    max_steps=max_steps, batch_size=batch_size, lr=lr, workers=workers,
+                    device=device, amp=amp, amp_dtype=amp_dtype, ranking_weight=ranking_weight,
+                    resume=resume, input_size=input_size, init_weights=init_weights,
+                    compile=compile_, log_every=log_every, save_every=save_every,
+                    val_every=val_every, kadid_root=kadid_root, seed=seed,
+                    allow_incomplete=allow_incomplete)
+    if smoke:
+        settings.update({k: v for k, v in SMOKE.items() if not given(k)})
+    config = TrainConfig(**settings)
+    try:
+        config.validate()
+        train_shards = open_shards(config.shards, config.allow_incomplete)
+        held_out = (open_shards(config.val_shards, config.allow_incomplete)
+                    if config.val_shards else None)
+    except ValueError as exc:
+        raise click.UsageError(str(exc))
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0:
+        click.echo(_plan_line(config, train_shards, held_out), err=True)
+
+    import torch  # only now: flag errors above come back at once
+
+    if not torch.cuda.is_available() and config.device in (None, "auto") and not smoke \
+            and not given("arch"):
+        raise click.UsageError(
+            f"no CUDA GPU here, and the default recipe ({config.arch} at "
+            f"{config.input_size[0]}x{config.input_size[1]}, {config.epochs} epochs) would take "
+            f"days on a CPU. For a short CPU run that shows everything working:\n"
+            f"  biqa-train-dpm --shards {shards} --smoke\n"
+            "or choose the CPU run yourself with --device cpu (and e.g. --arch tiny "
+            "--max-steps N).")
+    from biqa.training.pretrain import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    config = TrainConfig(
-        shards=shards, val_shards=val_shards, out=out, arch=arch, epochs=epochs,
-        max_steps=max_steps, batch_size=batch_size, lr=lr, workers=workers, device=device,
-        amp=amp, ranking_weight=ranking_weight, resume=resume, input_size=input_size,
-        init_weights=init_weights, compile=compile_, log_every=log_every,
-        save_every=save_every, val_every=val_every, kadid_root=kadid_root, seed=seed,
-        shuffle_buffer=shuffle_buffer)
     try:
         summary = train(config)
     except ValueError as exc:
@@ -187,8 +256,10 @@ def train_dpm_main(shards, val_shards, out, arch, epochs, max_steps, batch_size,
                                    "--resume continues from it")
     if summary["rank"] == 0:
         best = (f"best validation accuracy {summary['best_acc']:.4f}"
-                if summary["best_acc"] >= 0 else "no validation (no --val-shards)")
-        click.echo(f"done: {summary['steps']} steps, {best}, "
+                if summary["validated"] else "no validation (no --val-shards)")
+        skipped = (f", {summary['skipped']} samples skipped (see the warnings above)"
+                   if summary["skipped"] else ", no sample skipped")
+        click.echo(f"done: {summary['steps']} steps, {best}{skipped}, "
                    f"checkpoint {summary['last_checkpoint']}")
 
 

@@ -3,6 +3,7 @@ balanced ranks, checkpoints, kill + resume, 2-process torchrun, KADID evaluation
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -22,8 +23,9 @@ from PIL import Image
 from biqa.data import sample_reference_paths
 from biqa.distortions import distort
 from biqa.generator import generate
+from biqa.shards.reader import open_shards
 from biqa.training.data import (ShardStream, crop_or_pad, deal_balanced, dpm_input,
-                                open_shards, split_quota, worker_plan)
+                                split_quota, steps_per_epoch, worker_plan)
 from biqa.training.pretrain import TrainConfig, load_dpm, train
 
 torch.set_num_threads(1)
@@ -77,7 +79,7 @@ def test_learns_classes_and_ranking_on_other_references(shards, tmp_path):
     summary = train(TrainConfig(
         shards=str(shards["train"]), val_shards=str(shards["val"]), out=str(out), arch="tiny",
         epochs=1000, max_steps=200, batch_size=32, lr=0.1, workers=1, input_size=(48, 48),
-        ranking_weight=1.0, log_every=25, save_every=100, shuffle_buffer=64,
+        ranking_weight=1.0, log_every=25, save_every=100,
         restart_epochs=67, val_every=1000))  # 3 steps/epoch: one cosine period, one validation
     chance = 1 / 20
     val = summary["last"]["val"]
@@ -122,15 +124,31 @@ def test_brace_pattern_selects_shards_and_their_counts(shards):
 
 
 def test_pairs_share_reference_and_type_at_two_levels(shards):
-    stream = ShardStream(open_shards(str(shards["val"])), (32, 32), 8, train=True, pairs=True,
-                         shuffle_size=16)
+    stream = ShardStream(open_shards(str(shards["val"])), (32, 32), 8, train=True, pairs=True)
     stream.set_epoch(0)
-    items = list(stream)
-    assert len(items) == stream.steps_per_epoch() * 8
-    for item in items[:50]:
-        labels, levels = item["label"].tolist(), item["level"].tolist()
-        assert labels[0] // 5 == labels[1] // 5 and levels[0] != levels[1]
-        assert item["image"].shape == (2, 3, 32, 32) and item["image"].dtype == torch.uint8
+    parts = list(stream)
+    assert len(parts) == stream.steps_per_epoch()
+    for part in parts:
+        assert part["image"].shape == (8, 2, 32, 32, 3) and part["image"].dtype == torch.uint8
+        for labels, levels in zip(part["label"].tolist(), part["level"].tolist()):
+            assert labels[0] // 5 == labels[1] // 5 and levels[0] != levels[1]
+
+
+def _set_manifest_sha(folder: Path, shard: str) -> None:
+    """Record a shard's current sha256 in the manifest, as if biqa-gen had written it so."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    digest = hashlib.sha256((folder / shard).read_bytes()).hexdigest()
+    for entry in manifest["shards"]:
+        if entry["name"] == shard:
+            entry["sha256"] = digest
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _read_all(stream: ShardStream) -> tuple[int, int, list[str]]:
+    """(samples, skipped samples, warnings) of one pass of an evaluation stream."""
+    parts = list(stream)
+    return (sum(len(p["label"]) for p in parts), sum(p["skipped"] for p in parts),
+            [w for p in parts for w in p["warnings"]])
 
 
 def test_corrupt_samples_are_skipped_and_counted(tmp_path):
@@ -138,29 +156,45 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
     data = make_shards(tmp_path / "bad", [ref], 10, image_format="png")  # 2 shards of 10
     corrupt_member(data / "shard-000000.tar", f"{ref.stem}_11_03")
     corrupt_member(data / "shard-000001.tar", f"{ref.stem}_18_05")
-    stream = ShardStream(open_shards(str(data)), (64, 64), 4, train=False)
-    assert len(list(stream)) == 18
-    # training wraps around its shards to fill the quota despite the holes
-    train_stream = ShardStream(open_shards(str(data)), (64, 64), 4, train=True, shuffle_size=8)
+    # the manifest's sha256 no longer matches: both shards are refused whole, and said so
+    samples, skipped, warnings = _read_all(ShardStream(open_shards(str(data)), (64, 64), 4,
+                                                       train=False))
+    assert (samples, skipped) == (0, 20)
+    assert len(warnings) == 2 and all("sha256 differs" in w for w in warnings)
+    # a corrupt image in a shard whose hash is as recorded: that one sample is skipped
+    _set_manifest_sha(data, "shard-000000.tar")
+    samples, skipped, warnings = _read_all(ShardStream(open_shards(str(data)), (64, 64), 4,
+                                                       train=False))
+    assert (samples, skipped) == (9, 11)
+    assert any("does not decode" in w and "shard-000000" in w for w in warnings)
+    # training fills its quota from the readable samples and counts every skip
+    _set_manifest_sha(data, "shard-000001.tar")
+    train_stream = ShardStream(open_shards(str(data)), (64, 64), 4, train=True)
     train_stream.set_epoch(0)
-    items = list(train_stream)
-    assert len(items) == train_stream.steps_per_epoch() * 4 == 20
-    assert sum(int(i["skipped"]) for i in items) >= 2
+    parts = list(train_stream)
+    assert len(parts) == train_stream.steps_per_epoch() == 5
+    assert all(len(p["label"]) == 4 for p in parts)
+    assert sum(p["skipped"] for p in parts) >= 2
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_every_rank_gets_the_same_number_of_batches(world):
+def test_every_rank_fills_whole_batches_from_disjoint_shards(world):
+    """Each rank's workers' shares add up to the batch, every epoch; the shards are dealt
+    to exactly one (rank, worker); the number of steps is the same on every rank."""
     counts = [50, 7, 130, 64, 64, 3, 99]  # uneven, odd count
+    assert steps_per_epoch(counts, world, 8) == sum(counts) // (world * 8)
     for workers in (1, 2, 3):
         for epoch in range(3):
-            per_rank = []
+            dealt = []
             for rank in range(world):
                 plans = [worker_plan(counts, world, rank, workers, w, 8,
                                      np.random.default_rng([0, epoch])) for w in range(workers)]
-                per_rank.append(sum(batches for _, batches in plans))
-                shards_of_rank = sorted(s for ids, _ in plans for s in ids)
-                assert len(set(shards_of_rank)) == len(shards_of_rank)
-            assert len(set(per_rank)) == 1 and per_rank[0] == sum(counts) // (world * 8)
+                assert sum(share for _, share in plans) == 8
+                for ids, share in plans:  # a share in proportion to what the worker holds
+                    load = sum(counts[i] for i in ids)
+                    assert abs(share - 8 * load / sum(counts[i] for p in plans for i in p[0])) < 1
+                dealt += [s for ids, _ in plans for s in ids]
+            assert sorted(dealt) == list(range(len(counts)))
 
 
 def test_dealing_balances_loads():
@@ -307,7 +341,8 @@ def test_kadid_folder_evaluation(shards, tmp_path):
     (["--input-size", "64"], "expected WxH"),
     (["--input-size", "16x16"], "at least 32"),
     (["--shards", "/nonexistent/x-{0..3}.tar"], "no such shard"),
-    (["--shards", "file:///nonexistent/x-{0..3}.tar"], "cannot read the manifest"),
+    (["--shards", "file:///nonexistent/x-{0..3}.tar"], "no such shard"),
+    (["--shards", "http://127.0.0.1:9/x-{0..3}.tar"], "cannot read the manifest"),
     (["--ranking-weight", "1", "--batch-size", "7"], "even"),
 ])
 def test_cli_rejects_bad_input(shards, tmp_path, launcher, bad, message):

@@ -1,20 +1,32 @@
-"""Streaming input pipeline for DPM pre-training: shards -> (pairs) -> shuffle -> decode ->
-crop/flip -> YCbCr, in DataLoader workers; normalisation happens on the device.
+"""Input pipeline of DPM pre-training: shards -> checked index -> shuffled units -> decode ->
+crop/flip, in DataLoader workers; YCbCr conversion and normalisation happen on the device.
+
+Mixing.  The generator writes a reference's samples next to each other (about one
+reference per shard), so reading shards in order -- even through a shuffle buffer -- gives
+batches from two or three references.  Here every worker indexes its local shards once and
+then reads *samples* in a random permutation of everything it holds (random access by byte
+offset), and every batch is assembled in the main process from a slice of each worker's
+output (``assemble``), so a batch is a random draw from the whole of a rank's shards at
+any worker count.  Shards behind URLs cannot be read by offset; they are held in memory
+and shuffled a window of ``REMOTE_WINDOW`` shards at a time.
 
 Balanced ranks: one epoch is ``steps_per_epoch = total // (world * batch)`` steps on every
 rank.  Shards are dealt to ranks (and within a rank to workers) largest-first onto the least
-loaded part; each worker gets a quota of whole batches in proportion to what it holds and
-wraps around its shards if the quota asks for a few more samples than it has.  Every rank
-therefore yields exactly the same number of batches, whatever the shard sizes, so DDP never
+loaded part; each worker contributes a fixed share of every batch, in proportion to what it
+holds, and wraps around its units if the epoch asks for a few more than it has.  Every rank
+therefore takes exactly the same number of steps, whatever the shard sizes, so DDP never
 waits on a rank that ran dry.
+
+Integrity: a shard is checked against the manifest's sha256 and its samples' classes
+against the run's class table when a worker first opens it; a refused shard, an unusable
+sample or an image that does not decode is skipped, *counted in samples* and reported once
+with its reason (``warnings`` of the next item), never silently.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -22,83 +34,20 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
-from webdataset.tariterators import tarfile_samples
 
-from biqa.shards import reader
+from biqa.shards.reader import (LEVELS, OffsetReader, ShardIndex, ShardRefused, ShardSet,
+                                decode_image, index_shard, is_local, read_shard_bytes)
 
 # VIPNet's pre-training normalisation, applied to full-range YCbCr / 255 (``dpm_input``).
 YCBCR_MEAN = (0.448, 0.483, 0.491)
 YCBCR_STD = (0.248, 0.114, 0.106)
 NORMALISATION = {"colour": "ycbcr", "mean": list(YCBCR_MEAN), "std": list(YCBCR_STD)}
-LEVELS = 5
+# Shards behind URLs are held in memory while used: this many per worker at a time.
+REMOTE_WINDOW = 8
 
 
-# ----------------------------------------------------------------------------- shard sets
-@dataclass(frozen=True)
-class ShardSet:
-    """The shard URLs of one run, their sample counts (from the manifest) and class table."""
-    urls: list[str]
-    counts: list[int]
-    class_table: list[dict]
-
-    @property
-    def num_classes(self) -> int:
-        return LEVELS * len(self.class_table)
-
-
-def class_table_from_manifest(manifest: dict) -> list[dict]:
-    """[{id, name, class_base}] in class order, from the manifest's type list."""
-    types = manifest.get("types")
-    if not types:
-        raise ValueError("manifest has no 'types' table")
-    table = [{"id": int(t["id"]), "name": str(t["name"]), "class_base": int(t["class_base"])}
-             for t in types]
-    return sorted(table, key=lambda t: t["class_base"])
-
-
-def _shard_counts(manifest: dict) -> dict[str, int]:
-    """Basename of each shard -> its sample count."""
-    return {os.path.basename(s["name"]): int(s["samples"]) for s in manifest.get("shards", [])}
-
-
-def _expand_pattern(pattern: str) -> list[str]:
-    from braceexpand import braceexpand
-    return list(braceexpand(pattern))
-
-
-def open_shards(spec: str) -> ShardSet:
-    """A shard directory (``DIR/*.tar`` + ``DIR/manifest.json``) or a brace URL pattern
-    (``shards/train-{000..009}.tar``) whose manifest sits beside the shards."""
-    if os.path.isdir(spec):
-        manifest = reader.load_manifest(spec)
-        urls = reader.shard_paths(spec)
-    elif ":" not in spec and not any(os.path.exists(u) for u in _expand_pattern(spec)):
-        raise ValueError(f"{spec!r}: no such shard folder, and no shard file matches it")
-    else:
-        urls = _expand_pattern(spec)
-        manifest = _load_remote_manifest(urls[0]) if urls else {}
-    if not urls:
-        raise ValueError(f"no shards found at {spec!r}")
-    counts_by_name = _shard_counts(manifest)
-    missing = [u for u in urls if os.path.basename(u) not in counts_by_name]
-    if missing:
-        raise ValueError(f"{len(missing)} shards are not in the manifest of {spec!r}, "
-                         f"e.g. {missing[0]}")
-    return ShardSet(urls=urls, counts=[counts_by_name[os.path.basename(u)] for u in urls],
-                    class_table=class_table_from_manifest(manifest))
-
-
-def _load_remote_manifest(first_url: str) -> dict:
-    """The manifest next to a shard given by URL or path (local files go through the reader)."""
-    base = first_url.rsplit("/", 1)[0] if "/" in first_url else "."
-    if os.path.isdir(base):
-        return reader.load_manifest(base)
-    try:
-        with gopen(f"{base}/manifest.json") as stream:
-            return json.load(stream)
-    except Exception as exc:  # any transport error: say which manifest we could not get
-        raise ValueError(f"cannot read the manifest beside {first_url!r}: {exc}") from exc
+class NoReadableShards(RuntimeError):
+    """A worker was given shards and none of them could be used (the message says why)."""
 
 
 # ------------------------------------------------------------------------- rank balance
@@ -143,14 +92,15 @@ def steps_per_epoch(units: list[int], world: int, batch: int) -> int:
 
 def worker_plan(units: list[int], world: int, rank: int, workers: int, worker: int,
                 batch: int, epoch_rng: np.random.Generator) -> tuple[list[int], int]:
-    """(shard indices, number of batches) for one DataLoader worker of one rank this epoch.
-    ``epoch_rng`` must be seeded identically on all ranks (it only shuffles the deal)."""
+    """(shard indices, share of every batch) of one DataLoader worker of one rank this
+    epoch.  ``epoch_rng`` must be seeded identically on all ranks (it only shuffles the
+    deal).  The shares of a rank's workers add up to ``batch``."""
     order = epoch_rng.permutation(len(units))
     rank_shards = deal_balanced(units, world, order)[rank]
     worker_bins = deal_balanced([units[i] for i in rank_shards], workers)
     loads = [sum(units[rank_shards[j]] for j in b) for b in worker_bins]
-    quotas = split_quota(steps_per_epoch(units, world, batch), loads)
-    return [rank_shards[j] for j in worker_bins[worker]], quotas[worker]
+    shares = split_quota(batch, loads)
+    return [rank_shards[j] for j in worker_bins[worker]], shares[worker]
 
 
 # ------------------------------------------------------------------------- pixels
@@ -174,20 +124,17 @@ def crop_or_pad(image: np.ndarray, out_hw: tuple[int, int], top: int, left: int)
     return image[top:top + out_hw[0], left:left + out_hw[1]]
 
 
-def prepare(images: list[np.ndarray], out_hw: tuple[int, int],
-            rng: np.random.Generator | None) -> torch.Tensor:
-    """Crop (random with ``rng``, else centre) and flip (p=0.5 with ``rng``) to RGB uint8
-    (n, 3, H, W); ``dpm_input`` converts on the device.  Images of one pair share the crop
-    and flip so they show the same content."""
+def crop_into(out: np.ndarray, images: list[np.ndarray], rng: np.random.Generator | None) -> None:
+    """Write the crops (random with ``rng``, else centred) of ``images`` into ``out``
+    (n, H, W, 3), flipped left-right with p=0.5 under ``rng``: one copy per image, no
+    channel transposition (the device permutes to channels-last for free).  Images of one
+    pair share the crop and flip so they show the same content."""
+    out_hw = out.shape[1:3]
     top, left = crop_box(*images[0].shape[:2], out_hw, rng)
     flip = rng is not None and rng.random() < 0.5
-    out = []
-    for image in images:
+    for i, image in enumerate(images):
         patch = crop_or_pad(image, out_hw, top, left)
-        if flip:
-            patch = patch[:, ::-1]
-        out.append(np.ascontiguousarray(patch).transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(out))
+        out[i] = patch[:, ::-1] if flip else patch
 
 
 # JPEG/JFIF full-range BT.601 (Pillow's convert('YCbCr'), which VIPNet's loader used).
@@ -195,112 +142,63 @@ _RGB_TO_YCBCR = ((0.299, 0.587, 0.114),
                  (-0.168736, -0.331264, 0.5),
                  (0.5, -0.418688, -0.081312))
 _YCBCR_OFFSET = (0.0, 128.0, 128.0)
+_AFFINE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _ycbcr_affine(device: torch.device, mean: tuple, std: tuple
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, b) with ``normalised = rgb @ A + b``, made once per device: building tensors from
+    Python values on every step would cost a host-to-device copy (and a sync) each time."""
+    key = (device, tuple(mean), tuple(std))
+    if key not in _AFFINE_CACHE:
+        matrix = torch.tensor(_RGB_TO_YCBCR, dtype=torch.float64)
+        scale = 255.0 * torch.tensor(std, dtype=torch.float64)
+        a = (matrix.t() / scale).float()
+        b = ((torch.tensor(_YCBCR_OFFSET, dtype=torch.float64) / 255.0
+              - torch.tensor(mean, dtype=torch.float64)) / (scale / 255.0)).float()
+        _AFFINE_CACHE[key] = (a.to(device), b.to(device))
+    return _AFFINE_CACHE[key]
 
 
 def dpm_input(rgb_uint8: torch.Tensor, mean=YCBCR_MEAN, std=YCBCR_STD) -> torch.Tensor:
     """uint8 RGB (B, 3, H, W) -> the DPM's input: YCbCr / 255 with VIPNet's mean/std.
 
     The one conversion used in pre-training, validation, fine-tuning and scoring, done
-    on the device (a quarter of the bytes cross the bus); in float, so it differs from
-    Pillow's integer YCbCr, which truncates, by less than one grey level."""
-    device = rgb_uint8.device
-    matrix = torch.tensor(_RGB_TO_YCBCR, device=device)
-    offset = torch.tensor(_YCBCR_OFFSET, device=device).view(1, 3, 1, 1)
-    ycbcr = torch.einsum("ij,bjhw->bihw", matrix, rgb_uint8.float()) + offset
-    mean = torch.as_tensor(mean, device=device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.as_tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1)
-    return (ycbcr / 255.0 - mean) / std
-
-
-# ------------------------------------------------------------------------- stream stages
-def _group_key(sample: dict) -> tuple[str, int] | None:
-    """(ref, type) of a raw sample, None if its JSON is unreadable."""
-    try:
-        meta = json.loads(sample["json"])
-        return str(meta["ref"]), int(meta["type"])
-    except (KeyError, ValueError, TypeError):
-        return None
-
-
-def level_groups(samples: Iterator[dict], on_skip) -> Iterator[list[dict]]:
-    """Runs of adjacent samples of the same (ref, type): the generator writes the five levels
-    of one (ref, type) next to each other, so a group is complete without any index."""
-    group: list[dict] = []
-    current = None
-    for sample in samples:
-        key = _group_key(sample)
-        if key is None:
-            on_skip()
-            continue
-        if key != current and group:
-            yield group
-            group = []
-        current = key
-        group.append(sample)
-    if group:
-        yield group
-
-
-def pairs_from_group(group: list[dict], rng: np.random.Generator) -> list[tuple[dict, dict]]:
-    """Pair the levels of one group at random: a group of n gives ceil(n/2) pairs, every image
-    in at least one (with n odd the last one is paired with a random other member)."""
-    if len(group) < 2:
-        return []
-    order = rng.permutation(len(group)).tolist()
-    pairs = [(group[order[i]], group[order[i + 1]]) for i in range(0, len(order) - 1, 2)]
-    if len(order) % 2:
-        pairs.append((group[order[-1]], group[order[int(rng.integers(len(order) - 1))]]))
-    return pairs
-
-
-def shuffle_buffer(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
-    """Streaming shuffle: keep ``size`` items, emit a random one as each new item arrives."""
-    buffer: list = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        i = int(rng.integers(size))
-        yield buffer[i]
-        buffer[i] = item
-    for i in rng.permutation(len(buffer)):
-        yield buffer[i]
-
-
-class SkipCounter:
-    """Counts unreadable samples and shards in one worker; handed to webdataset as handler."""
-
-    def __init__(self):
-        self.count = 0
-
-    def __call__(self, exc: Exception | None = None) -> bool:
-        self.count += 1
-        return True  # continue the stream
-
-    def take(self) -> int:
-        count, self.count = self.count, 0
-        return count
+    on the device (a quarter of the bytes cross the bus).  It computes in the
+    channels-last layout and returns a channels-last tensor, so a batch that arrives as
+    NHWC (``permute(0, 3, 1, 2)`` of the loader's batch) is never transposed in memory.
+    In float, so it differs from Pillow's integer YCbCr (which truncates) by at most one
+    grey level."""
+    a, b = _ycbcr_affine(rgb_uint8.device, tuple(map(float, mean)), tuple(map(float, std)))
+    nhwc = rgb_uint8.permute(0, 2, 3, 1).float()
+    return torch.addmm(b, nhwc.reshape(-1, 3), a).view(nhwc.shape).permute(0, 3, 1, 2)
 
 
 # ------------------------------------------------------------------------- datasets
-def _decode(sample: dict, num_classes: int) -> tuple[np.ndarray, int, int]:
-    """(image, class, level) of a raw sample; ValueError if it is corrupt."""
-    image, meta = reader.decode_sample(sample)
-    label = int(meta["class"])
-    if not 0 <= label < num_classes:
-        raise ValueError(f"{sample.get('__key__')}: class {label} outside 0..{num_classes - 1}")
-    return image, label, int(meta["level"])
+def pairs_from_group(size: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Pair the members of a group of ``size`` at random: ceil(size/2) pairs, every member in
+    at least one (with ``size`` odd the last one is paired with a random other member)."""
+    if size < 2:
+        return []
+    order = rng.permutation(size).tolist()
+    pairs = [(order[i], order[i + 1]) for i in range(0, size - 1, 2)]
+    if size % 2:
+        pairs.append((order[-1], order[int(rng.integers(size - 1))]))
+    return pairs
 
 
 class ShardStream(IterableDataset):
-    """Training (``train=True``: balanced quotas, shuffling, random crops/flips) or evaluation
-    stream (every sample once, centre crops) over a ShardSet.  Yields dicts of ``image``
-    (uint8 3xHxW, or 2x3xHxW for pairs), ``label``, ``level`` and ``skipped`` (unreadable
-    samples met since the previous item, so the main process can sum them)."""
+    """Training (``train=True``: balanced shares, whole-set shuffling, random crops/flips) or
+    evaluation stream (every sample once, centre crops) over a ShardSet.
+
+    It yields *parts of batches* (``assemble`` joins one part of every worker into a
+    batch): dicts of ``image`` (uint8 n×H×W×3, or n×2×H×W×3 for pairs), ``label`` and
+    ``level`` (n or n×2), ``ref`` (the reference ids), ``worker``, ``skipped`` (samples
+    skipped since the previous part) and ``warnings`` (why, once per cause)."""
 
     def __init__(self, shards: ShardSet, input_hw: tuple[int, int], batch_size: int,
                  train: bool, pairs: bool = False, seed: int = 0, rank: int = 0,
-                 world: int = 1, shuffle_size: int = 256):
+                 world: int = 1):
         super().__init__()
         self.shards = shards
         self.input_hw = input_hw
@@ -310,9 +208,14 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.world = world
-        self.shuffle_size = shuffle_size
         # (epoch, restart token) in shared memory: persistent workers see set_epoch.
         self._epoch = torch.zeros(2, dtype=torch.int64).share_memory_()
+        # Per shard, shared by the workers of this process: 0 unchecked, 1 checked, 2 refused
+        # (a refused shard is checked again by each worker, which reports the same reason).
+        self._checked = torch.zeros(len(shards.urls), dtype=torch.uint8).share_memory_()
+        self._indexes: dict[int, ShardIndex | str] = {}  # per worker process
+        self._reported: set[str] = set()
+        self._reader: OffsetReader | None = None
 
     @property
     def units(self) -> list[int]:
@@ -327,6 +230,53 @@ class ShardStream(IterableDataset):
         resumed epoch a fresh shuffle instead of replaying the interrupted one."""
         self._epoch[0], self._epoch[1] = epoch, restart
 
+    def active_workers(self, workers: int) -> int:
+        """How many of ``workers`` deliver a part of each training batch this epoch."""
+        epoch = int(self._epoch[0])
+        return sum(worker_plan(self.units, self.world, self.rank, max(workers, 1), w,
+                               self.batch_size, np.random.default_rng([self.seed, epoch]))[1] > 0
+                   for w in range(max(workers, 1)))
+
+    # -- opening shards -------------------------------------------------------------
+    def _index(self, shard: int) -> ShardIndex | str:
+        """The checked index of a shard, or the reason it was refused (cached per worker).
+        The first worker of a process to open a local shard reads and hashes it whole;
+        the others, seeing it marked checked, read only its headers and JSON."""
+        if shard not in self._indexes:
+            url = self.shards.urls[shard]
+            try:
+                data = None if is_local(url) and int(self._checked[shard]) == 1 \
+                    else read_shard_bytes(url)
+                index = index_shard(url, data, self.shards.sha256[shard],
+                                    self.shards.class_bases())
+                self._checked[shard] = 1
+            except ShardRefused as exc:
+                index = f"shard {os.path.basename(url)} refused: {exc}"
+                self._checked[shard] = 2
+            self._indexes[shard] = index
+        return self._indexes[shard]
+
+    def _release(self, shard_ids: list[int]) -> None:
+        """Drop the in-memory bytes of remote shards once their window is used."""
+        for shard in shard_ids:
+            index = self._indexes.get(shard)
+            if isinstance(index, ShardIndex) and index.data is not None:
+                del self._indexes[shard]
+
+    def _open(self, shard_ids: list[int], skips: "_Skips") -> list[ShardIndex]:
+        opened = []
+        for shard in shard_ids:
+            index = self._index(shard)
+            if isinstance(index, str):
+                skips.add(self.shards.counts[shard], index)
+                continue
+            if index.unusable:
+                skips.add(index.unusable, f"shard {os.path.basename(index.url)}: "
+                                          f"{index.unusable} samples with broken members")
+            opened.append(index)
+        return opened
+
+    # -- iteration ------------------------------------------------------------------
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
         return (0, 1) if info is None else (info.id, info.num_workers)
@@ -334,68 +284,179 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         worker, workers = self._worker()
         epoch, restart = (int(v) for v in self._epoch)
+        if self._reader is None:
+            self._reader = OffsetReader()
+        skips = _Skips(self._reported)
         if self.train:
-            deal_rng = np.random.default_rng([self.seed, epoch])  # same on every rank
-            shard_ids, batches = worker_plan(self.units, self.world, self.rank, workers,
-                                             worker, self.batch_size, deal_rng)
-            quota = batches * self.batch_size
-            rng = np.random.default_rng([self.seed, epoch, restart, self.rank, worker])
-            pair_rng = rng
-        else:
-            shard_ids, quota, rng = list(range(worker, len(self.shards.urls), workers)), None, None
-            pair_rng = np.random.default_rng([self.seed, worker])  # fixed held-out pairs
-        if not shard_ids or quota == 0:
-            return
-        skips = SkipCounter()
-        produced = 0
-        while quota is None or produced < quota:
-            produced_before = produced
-            for item in self._one_pass(shard_ids, rng, pair_rng, skips):
-                item["skipped"] = skips.take()
-                yield item
-                produced += 1
-                if quota is not None and produced >= quota:
-                    return
-            if quota is None:
+            shard_ids, share = worker_plan(self.units, self.world, self.rank, workers, worker,
+                                           self.batch_size,
+                                           np.random.default_rng([self.seed, epoch]))
+            if share == 0:
                 return
-            if produced == produced_before:
-                raise RuntimeError(f"rank {self.rank} worker {worker}: no readable sample in "
-                                   f"{len(shard_ids)} shards")
-
-    def _one_pass(self, shard_ids: list[int], rng: np.random.Generator | None,
-                  pair_rng: np.random.Generator, skips: SkipCounter) -> Iterator[dict]:
-        """Read the shards once and yield decoded items; ``rng`` (training only) shuffles the
-        shard order and the stream and draws the crops and flips."""
-        order = shard_ids if rng is None else [shard_ids[i] for i in rng.permutation(len(shard_ids))]
-        raw = tarfile_samples(({"url": self.shards.urls[i]} for i in order), handler=skips)
-        if self.pairs:
-            units = (p for g in level_groups(raw, skips) for p in pairs_from_group(g, pair_rng))
+            rng = np.random.default_rng([self.seed, epoch, restart, self.rank, worker])
+            yield from self._train_parts(shard_ids, share, self.steps_per_epoch(), rng, worker,
+                                         skips)
         else:
-            units = ((s,) for s in raw)
-        if rng is not None:
-            units = shuffle_buffer(units, self.shuffle_size, rng)
-        num_classes = self.shards.num_classes
-        for unit in units:
+            rank_shards = deal_balanced(self.shards.counts, self.world)[self.rank]
+            mine = deal_balanced([self.shards.counts[i] for i in rank_shards], workers)[worker]
+            yield from self._eval_parts(sorted(rank_shards[j] for j in mine), worker, skips)
+
+    def _units(self, indexes: list[ShardIndex], rng: np.random.Generator
+               ) -> list[tuple[ShardIndex, tuple[int, ...]]]:
+        """(shard, sample indices) of every unit: single samples, or ranking pairs formed
+        within a (reference, type) group."""
+        if not self.pairs:
+            return [(ix, (i,)) for ix in indexes for i in range(len(ix))]
+        return [(ix, (start + a, start + b)) for ix in indexes for start, stop in ix.groups
+                for a, b in pairs_from_group(stop - start, rng)]
+
+    def _windows(self, shard_ids: list[int], rng: np.random.Generator) -> Iterator[list[int]]:
+        """All local shards at once; remote shards a window at a time."""
+        local = [s for s in shard_ids if is_local(self.shards.urls[s])]
+        remote = [s for s in shard_ids if not is_local(self.shards.urls[s])]
+        if local:
+            yield local
+        remote = [remote[i] for i in rng.permutation(len(remote))]
+        for start in range(0, len(remote), REMOTE_WINDOW):
+            yield remote[start:start + REMOTE_WINDOW]
+
+    def _train_parts(self, shard_ids: list[int], share: int, steps: int,
+                     rng: np.random.Generator, worker: int, skips: "_Skips") -> Iterator[dict]:
+        """``steps`` parts of ``share`` units, drawn from a random permutation of all units of
+        this worker's shards (repeated from a fresh permutation if it runs out)."""
+        def unit_stream() -> Iterator[tuple[ShardIndex, tuple[int, ...]]]:
+            while True:
+                produced = 0
+                for window in self._windows(shard_ids, rng):
+                    units = self._units(self._open(window, skips), rng)
+                    for i in rng.permutation(len(units)):
+                        produced += 1
+                        yield units[i]
+                    self._release(window)
+                if produced == 0:
+                    raise NoReadableShards(
+                        f"rank {self.rank} loader worker {worker}: none of its "
+                        f"{len(shard_ids)} shards has a usable sample; "
+                        + "; ".join(sorted(skips.reasons)[:3]))
+
+        units = unit_stream()
+        for _ in range(steps):
+            yield self._part(units, share, rng, worker, skips)
+
+    def _eval_parts(self, shard_ids: list[int], worker: int, skips: "_Skips") -> Iterator[dict]:
+        """Every usable unit of this worker's shards once, in order, centre-cropped; pairs
+        drawn with a generator fixed per shard, so they do not depend on the deal."""
+        for shard in shard_ids:
+            indexes = self._open([shard], skips)
+            units = self._units(indexes, np.random.default_rng([self.seed, shard]))
+            stream = iter(units)
+            for start in range(0, len(units), self.batch_size):
+                yield self._part(stream, min(self.batch_size, len(units) - start), None,
+                                 worker, skips, exhaustible=True)
+            self._release([shard])
+        if skips.pending:  # skips after the last part: report them in an empty part
+            yield self._part(iter(()), 0, None, worker, skips, exhaustible=True)
+
+    def _part(self, units: Iterator, size: int, rng: np.random.Generator | None, worker: int,
+              skips: "_Skips", exhaustible: bool = False) -> dict:
+        """Read, decode and crop ``size`` units into one shared-memory batch part; a unit
+        whose image does not decode is skipped and replaced by the next one."""
+        per_unit = 2 if self.pairs else 1
+        h, w = self.input_hw
+        images = torch.empty((size, per_unit, h, w, 3), dtype=torch.uint8)
+        if get_worker_info() is not None:  # filled in place: no copy on the way to the loader
+            images.share_memory_()
+        pixels = images.numpy()
+        labels = np.empty((size, per_unit), dtype=np.int64)
+        levels = np.empty((size, per_unit), dtype=np.int64)
+        refs = []
+        filled = 0
+        while filled < size:
             try:
-                decoded = [_decode(s, num_classes) for s in unit]
-            except ValueError:
-                skips()
+                index, members = next(units)
+            except StopIteration:
+                if exhaustible:
+                    break
+                raise
+            try:
+                decoded = [decode_image(index.image_bytes(i, self._reader)) for i in members]
+            except (ValueError, OSError) as exc:
+                skips.add(len(members), f"shard {os.path.basename(index.url)}: an image does "
+                                        f"not decode ({exc})")
                 continue
-            images = prepare([d[0] for d in decoded], self.input_hw, rng)
-            labels = torch.tensor([d[1] for d in decoded])
-            levels = torch.tensor([d[2] for d in decoded])
-            if self.pairs:
-                yield {"image": images, "label": labels, "level": levels}
-            else:
-                yield {"image": images[0], "label": labels[0], "level": levels[0]}
+            crop_into(pixels[filled], decoded, rng)
+            labels[filled] = index.labels[list(members)]
+            levels[filled] = index.levels[list(members)]
+            refs.append(index.ref(members[0]))
+            filled += 1
+        images, labels, levels = images[:filled], labels[:filled], levels[:filled]
+        if not self.pairs:
+            images, labels, levels = images[:, 0], labels[:, 0], levels[:, 0]
+        skipped, warnings = skips.take()
+        return {"image": images, "label": torch.from_numpy(labels),
+                "level": torch.from_numpy(levels), "ref": refs, "worker": worker,
+                "skipped": skipped, "warnings": warnings}
 
 
-def make_loader(dataset, batch_size: int, workers: int, pin: bool) -> DataLoader:
-    """Batches collated in the workers; workers persist across epochs (their shard deal is
-    switched through ``ShardStream.set_epoch``); ``pin`` for asynchronous copies to a GPU."""
+class _Skips:
+    """Skipped samples of one worker since its last part, and the reasons not yet reported
+    (each reason is reported once per worker process)."""
+
+    def __init__(self, reported: set[str]):
+        self.count = 0
+        self.reasons: set[str] = set()
+        self._new: list[str] = []
+        self._reported = reported
+
+    def add(self, samples: int, reason: str) -> None:
+        self.count += samples
+        self.reasons.add(reason)
+        if reason not in self._reported:
+            self._reported.add(reason)
+            self._new.append(f"{reason} ({samples} samples skipped)")
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.count or self._new)
+
+    def take(self) -> tuple[int, list[str]]:
+        taken = (self.count, self._new)
+        self.count, self._new = 0, []
+        return taken
+
+
+def make_loader(dataset: Dataset, workers: int, pin: bool, batch_size: int | None = None
+                ) -> DataLoader:
+    """Workers persist across epochs (a ShardStream's deal is switched through
+    ``set_epoch``, and its workers keep their shard indexes); ``pin`` for asynchronous copies
+    to a GPU.  A ShardStream yields ready batch parts (``batch_size=None``)."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin,
                       persistent_workers=workers > 0,
-                      prefetch_factor=2 if workers > 0 else None)
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+def assemble(parts: Iterator[dict], active: int) -> Iterator[dict]:
+    """Training batches from the parts of ``active`` workers: one part of each (the
+    DataLoader delivers them round-robin).  ``image`` stays a list of the parts' tensors,
+    joined on the device (one copy, after the transfer)."""
+    pending: list[dict] = []
+    for part in parts:
+        pending.append(part)
+        if len(pending) < active:
+            continue
+        if len({p["worker"] for p in pending}) != active:
+            raise RuntimeError(f"batch parts out of order: workers {[p['worker'] for p in pending]}")
+        yield join_parts(pending)
+        pending = []
+
+
+def join_parts(parts: list[dict]) -> dict:
+    return {"image": [p["image"] for p in parts],
+            "label": torch.cat([p["label"] for p in parts]),
+            "level": torch.cat([p["level"] for p in parts]),
+            "ref": [r for p in parts for r in p["ref"]],
+            "skipped": sum(int(p["skipped"]) for p in parts),
+            "warnings": [w for p in parts for w in p["warnings"]]}
 
 
 # ------------------------------------------------------------------------- KADID-10k
@@ -405,7 +466,7 @@ _KADID_NAME = re.compile(r"^I(\d+)_(\d+)_(\d+)\.\w+$")
 class KadidDataset(Dataset):
     """The real KADID-10k images (``dmos.csv`` + ``images/Iii_TT_LL.png``) labelled through the
     class table: type TT at level LL -> class_base(TT) + LL - 1.  Types not in the table are
-    left out (``self.left_out`` counts them)."""
+    left out (``self.left_out`` counts them).  Items are centre crops, uint8 H×W×3."""
 
     def __init__(self, root: str | Path, class_table: list[dict], input_hw: tuple[int, int]):
         from .iqa_datasets import load_kadid10k  # one reader of the KADID-10k layout
@@ -432,6 +493,7 @@ class KadidDataset(Dataset):
         path, label = self.items[index]
         with Image.open(path) as im:
             rgb = np.asarray(im.convert("RGB"))
-        image = prepare([rgb], self.input_hw, None)[0]
-        return {"image": image, "label": torch.tensor(label),
-                "level": torch.tensor(label % LEVELS + 1), "skipped": 0}
+        image = np.empty((1, *self.input_hw, 3), dtype=np.uint8)
+        crop_into(image, [rgb], None)
+        return {"image": torch.from_numpy(image[0]), "label": torch.tensor(label),
+                "level": torch.tensor(label % LEVELS + 1)}

@@ -121,12 +121,18 @@ class RelPosSelfAttention(nn.Module):
         scale = self.head_dim ** -0.5
         self.rel_height = nn.Parameter(torch.randn(2 * h - 1, self.head_dim) * scale)
         self.rel_width = nn.Parameter(torch.randn(2 * w - 1, self.head_dim) * scale)
+        # Buffers (not in the state dict) so they live on the model's device: building them
+        # per forward would copy them host-to-device on every step.
+        self.register_buffer("index_h", _relative_to_absolute_index(h), persistent=False)
+        self.register_buffer("index_w", _relative_to_absolute_index(w), persistent=False)
 
-    def _rel_logits(self, q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def _rel_logits(self, q: torch.Tensor, table: torch.Tensor,
+                    index: torch.Tensor) -> torch.Tensor:
         """q: (B, rows, n, d) -> logits (B, rows, n, n) along the last spatial axis."""
         n = q.shape[2]
         rel = q @ _resized_table(table, n).to(q.dtype).t()  # (B, rows, n, 2n-1)
-        index = _relative_to_absolute_index(n).to(q.device)
+        if index.shape[0] != n:  # another input size than the model was built for
+            index = _relative_to_absolute_index(n).to(q.device)
         return rel.gather(-1, index.expand(*rel.shape[:2], n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,8 +141,9 @@ class RelPosSelfAttention(nn.Module):
         q = q * self.head_dim ** -0.5
         logits = q.transpose(1, 2) @ k  # (BH, hw, hw)
         q_map = q.transpose(1, 2).reshape(-1, h, w, self.head_dim)
-        rel_w = self._rel_logits(q_map, self.rel_width)  # (BH, h, w, w)
-        rel_h = self._rel_logits(q_map.transpose(1, 2), self.rel_height)  # (BH, w, h, h)
+        rel_w = self._rel_logits(q_map, self.rel_width, self.index_w)  # (BH, h, w, w)
+        rel_h = self._rel_logits(q_map.transpose(1, 2), self.rel_height,
+                                 self.index_h)  # (BH, w, h, h)
         rel = rel_w[:, :, :, None, :] + rel_h.transpose(1, 2)[:, :, :, :, None]
         logits = logits + rel.reshape(-1, h * w, h * w)
         out = v @ logits.softmax(dim=-1).transpose(1, 2)  # (BH, d, hw)
@@ -313,8 +320,16 @@ def read_torch_file(path, what: str, map_location="cpu"):
     what was expected when it is missing, truncated or not a torch file at all."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
     except Exception as exc:  # unpickling raises many types; all mean "not that file"
-        raise ValueError(f"{path}: cannot read it as {what}: {type(exc).__name__}: {exc}") \
+        # torch's own message for a weights-only refusal suggests weights_only=False, which
+        # would run whatever code the file carries: never pass that advice on.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "weights_only" in str(exc):
+            reason = ("it holds objects other than tensors and plain containers, which "
+                      "biqa never unpickles (it is not a file biqa wrote, or it was changed)")
+        raise ValueError(f"{path}: cannot read it as {what}: {type(exc).__name__}: {reason}") \
             from None
 
 

@@ -6,18 +6,20 @@ on a CPU or data-parallel over GPUs under ``torchrun``.
 SGD (lr 0.05, momentum 0.9, weight decay 1e-4), cosine annealing with warm restarts
 (T_0 = 8 epochs, T_mult = 2, eta_min = 1e-4, stepped every iteration), gradient clipping
 at norm 2, cross-entropy.
+
+Data parallelism: every rank reads its own shards and takes the same number of steps;
+validation is sharded over the ranks too (confusion matrices summed); rank 0 alone reads
+and writes checkpoints, and what it resumes from (weights, optimiser, scheduler, scaler,
+step, every rank's RNG) is broadcast, so ranks agree even without a shared file system.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -26,76 +28,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Subset
 
-from biqa.shards.writer import atomic_write
+from biqa.shards.reader import ShardSet, open_shards
+from biqa.shards.writer import atomic_write, atomic_write_bytes, remove_own_partials
 
-from .data import (LEVELS, NORMALISATION, KadidDataset, ShardSet, ShardStream, make_loader,
-                   dpm_input, open_shards)
-from .models import (ARCHS, create_model, load_torchvision_weights, read_torch_file,
+from .config import TrainConfig
+from .data import (LEVELS, NORMALISATION, KadidDataset, NoReadableShards, ShardStream,
+                   assemble, dpm_input, make_loader)
+from .device import amp_dtype, autocast, needs_scaler, resolve_device
+from .models import (create_model, load_torchvision_weights, read_torch_file,
                      write_torch_file)
 
+__all__ = ["TrainConfig", "train", "load_dpm", "save_checkpoint", "evaluate_checkpoint"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; saved (as a plain dict) inside every checkpoint."""
-    shards: str
-    val_shards: str | None = None
-    out: str = "runs/dpm"
-    arch: str = "botnet50"
-    epochs: int = 40
-    max_steps: int | None = None
-    batch_size: int = 64  # per process
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    grad_clip: float = 2.0
-    restart_epochs: int = 8  # cosine warm restarts: T_0 (epochs), T_mult = 2
-    min_lr: float = 1e-4
-    workers: int = 4
-    device: str | None = None  # None: cuda if available
-    amp: bool | None = None  # None: on for CUDA
-    ranking_weight: float = 0.0
-    ranking_margin: float = 0.5
-    resume: bool = False
-    input_size: tuple[int, int] = (384, 288)  # (width, height)
-    init_weights: str | None = None
-    compile: bool = False
-    log_every: int = 50
-    save_every: int = 1000
-    val_every: int = 1  # epochs; the last step always validates
-    kadid_root: str | None = None
-    seed: int = 0
-    shuffle_buffer: int = 256
-
-    def validate(self) -> None:
-        """Reject bad values before any work starts."""
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
-                    "log_every": self.log_every, "save_every": self.save_every,
-                    "val_every": self.val_every,
-                    "shuffle_buffer": self.shuffle_buffer, "restart_epochs": self.restart_epochs}
-        for name, value in positive.items():
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
-        if self.workers < 0 or self.ranking_weight < 0:
-            raise ValueError("workers and ranking_weight must be >= 0")
-        if len(self.input_size) != 2 or min(self.input_size) < 32:
-            raise ValueError(f"input_size must be (width, height) >= 32, got {self.input_size}")
-        if self.ranking_weight > 0 and self.batch_size % 2:
-            raise ValueError("with ranking the batch holds pairs: batch_size must be even")
-        if self.device not in (None, "cpu", "cuda"):
-            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device cuda requested but CUDA is not available")
-
-    @property
-    def input_hw(self) -> tuple[int, int]:
-        return self.input_size[1], self.input_size[0]
 
 
 # ----------------------------------------------------------------------------- model
@@ -117,19 +64,18 @@ class PretrainNet(nn.Module):
 
 def pair_ranking_loss(quality: torch.Tensor, levels: torch.Tensor, margin: float) -> torch.Tensor:
     """Margin ranking over pairs laid out as (2i, 2i+1): the lower level (milder distortion)
-    must score higher by ``margin``; pairs of equal level carry no order and are ignored."""
+    must score higher by ``margin``; pairs of equal level carry no order and are ignored.
+    The mean over the ordered pairs is taken without asking the device whether there are
+    any (a host sync every step)."""
     q, lv = quality.float().view(-1, 2), levels.view(-1, 2)
     target = torch.sign(lv[:, 1] - lv[:, 0]).to(q.dtype)
-    keep = target != 0
-    if not keep.any():
-        return q.sum() * 0.0
-    return F.margin_ranking_loss(q[keep, 0], q[keep, 1], target[keep], margin=margin)
+    hinge = torch.relu(margin - target * (q[:, 0] - q[:, 1])) * target.abs()
+    return hinge.sum() / target.abs().sum().clamp(min=1.0)
 
 
 # ----------------------------------------------------------------------------- checkpoints
 def _plain_config(config: TrainConfig, shards: ShardSet) -> dict:
-    plain = dataclasses.asdict(config)
-    plain["input_size"] = list(config.input_size)
+    plain = config.as_dict()
     plain.update(num_classes=shards.num_classes, class_table=shards.class_table,
                  normalisation=NORMALISATION, levels=LEVELS)
     return plain
@@ -171,39 +117,176 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop the lines a resumed run will write again (those after the resumed step), and a
+    line torn by a kill."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except ValueError:
+            continue
+    atomic_write_bytes(path, "".join(kept).encode())
+
+
+# ----------------------------------------------------------------------------- distribution
+class _Dist:
+    """The process group of a torchrun launch (or a single process): rank, world size and
+    the few collectives the loop needs, all no-ops when there is one process."""
+
+    def __init__(self, use_cuda: bool):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        self.device = torch.device("cpu")
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place sum over ranks (on the collective's device, returned on the original)."""
+        if self.world > 1:
+            moved = tensor.to(self.device)
+            dist.all_reduce(moved)
+            tensor.copy_(moved.to(tensor.device))
+        return tensor
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def sync_buffers(self, module: nn.Module) -> None:
+        """Rank 0's BatchNorm statistics everywhere.  DDP broadcasts buffers at the start of
+        each forward, so after a step every rank holds the statistics of its own last batch:
+        sharded validation (and the checkpoint, which is rank 0's) need one set."""
+        if self.world > 1:
+            for buffer in module.buffers():
+                dist.broadcast(buffer.data, src=0)
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- evaluation
-def _evaluate(net: PretrainNet, loader, device: torch.device, num_classes: int,
-              channels_last: bool) -> np.ndarray:
-    """Confusion matrix (true x predicted)."""
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    net.eval()
-    with torch.no_grad():
-        for batch in loader:
-            x = _to_input(batch["image"], device, channels_last)
-            logits, _ = net(x)
-            pred = logits.argmax(1).cpu()
-            confusion += torch.bincount(batch["label"] * num_classes + pred,
-                                        minlength=num_classes ** 2).view(num_classes, -1)
-    net.train()
-    return confusion.numpy()
+def _to_input(parts, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 NHWC batch parts (pairs: N×2×H×W×3) -> the DPM input on ``device``: the parts
+    travel as they are and are joined and converted there; channels-last costs nothing
+    because the loader's layout already is."""
+    if isinstance(parts, torch.Tensor):
+        parts = [parts]
+    moved = [p.to(device, non_blocking=True) for p in parts]
+    images = moved[0] if len(moved) == 1 else torch.cat(moved)
+    if images.dim() == 5:  # pairs, (n, 2, H, W, 3) -> (2n, H, W, 3), pair i at 2i and 2i+1
+        images = images.flatten(0, 1)
+    x = dpm_input(images.permute(0, 3, 1, 2))
+    return x if channels_last else x.contiguous()
 
 
-def _ranking_accuracy(net: PretrainNet, loader, device: torch.device,
-                      channels_last: bool) -> float:
-    """Fraction of ordered held-out pairs whose predicted quality order matches the levels."""
-    right = total = 0
-    net.eval()
-    with torch.no_grad():
-        for batch in loader:
-            x = _to_input(batch["image"].flatten(0, 1), device, channels_last)
-            q = net(x)[1].float().view(-1, 2).cpu()
-            lv = batch["level"].view(-1, 2)
-            order = torch.sign(lv[:, 1] - lv[:, 0])
-            keep = order != 0
-            right += int((torch.sign(q[:, 0] - q[:, 1])[keep] == order[keep]).sum())
-            total += int(keep.sum())
-    net.train()
-    return right / max(total, 1)
+class _Validator:
+    """Validation on held-out shards and KADID-10k, sharded over ranks: each rank evaluates
+    a disjoint part and the confusion matrices (and pair counts) are summed.  Its loaders
+    are made once and keep their workers between validations."""
+
+    def __init__(self, config: TrainConfig, shards: ShardSet, val_shards: ShardSet | None,
+                 pairs: bool, group: _Dist, workers: int, pin: bool):
+        self.num_classes, self.class_table = shards.num_classes, shards.class_table
+        self.group = group
+        batch = config.batch_size
+        self.loaders = {}
+        if val_shards is not None:
+            stream = ShardStream(val_shards, config.input_hw, batch, train=False,
+                                 seed=config.seed, rank=group.rank, world=group.world)
+            self.loaders["val"] = make_loader(stream, workers, pin)
+            self.val_total = val_shards.samples + val_shards.missing_samples
+            if pairs:
+                pair_stream = ShardStream(val_shards, config.input_hw, max(batch // 2, 1),
+                                          train=False, pairs=True, seed=config.seed,
+                                          rank=group.rank, world=group.world)
+                self.loaders["pairs"] = make_loader(pair_stream, workers, pin)
+        if config.kadid_root:
+            kadid = KadidDataset(config.kadid_root, shards.class_table, config.input_hw)
+            part = Subset(kadid, range(group.rank, len(kadid), group.world))
+            self.loaders["kadid10k"] = make_loader(part, workers, pin, batch_size=batch)
+
+    def __bool__(self) -> bool:
+        return bool(self.loaders)
+
+    def _confusion(self, net, loader, device, channels_last, dtype, warn) -> np.ndarray:
+        confusion = torch.zeros(self.num_classes ** 2, dtype=torch.int64)
+        skipped = 0
+        with torch.no_grad(), autocast(device, dtype):
+            for batch in loader:
+                skipped += int(batch.get("skipped", 0))
+                for line in batch.get("warnings", []):
+                    warn(line)
+                if len(batch["label"]) == 0:
+                    continue
+                logits, _ = net(_to_input(batch["image"], device, channels_last))
+                pred = logits.argmax(1).cpu()
+                confusion += torch.bincount(batch["label"] * self.num_classes + pred,
+                                            minlength=self.num_classes ** 2)
+        self.group.sum_(confusion)
+        return confusion.view(self.num_classes, -1).numpy()
+
+    def _ranking(self, net, loader, device, channels_last, dtype) -> float:
+        counts = torch.zeros(2, dtype=torch.int64)  # right, total
+        with torch.no_grad(), autocast(device, dtype):
+            for batch in loader:
+                if len(batch["label"]) == 0:
+                    continue
+                q = net(_to_input(batch["image"], device, channels_last))[1].float()
+                q = q.view(-1, 2).cpu()
+                lv = batch["level"].view(-1, 2)
+                order = torch.sign(lv[:, 1] - lv[:, 0])
+                keep = order != 0
+                counts[0] += int((torch.sign(q[:, 0] - q[:, 1])[keep] == order[keep]).sum())
+                counts[1] += int(keep.sum())
+        self.group.sum_(counts)
+        return int(counts[0]) / max(int(counts[1]), 1)
+
+    def run(self, net, device, channels_last, dtype, out: Path, warn) -> dict:
+        """Validation results (rank 0 also writes the confusion matrices as PNG and JSON)."""
+        result: dict = {}
+        self.group.sync_buffers(net)
+        net.eval()
+        if "val" in self.loaders:
+            confusion = self._confusion(net, self.loaders["val"], device, channels_last, dtype,
+                                        warn)
+            summary = accuracy_summary(confusion, self.class_table)
+            result["val"] = {**summary, "skipped": self.val_total - summary["samples"]}
+            self._write(confusion, out / "confusion")
+            if "pairs" in self.loaders:
+                result["val"]["pair_ranking_acc"] = self._ranking(
+                    net, self.loaders["pairs"], device, channels_last, dtype)
+        if "kadid10k" in self.loaders:
+            confusion = self._confusion(net, self.loaders["kadid10k"], device, channels_last,
+                                        dtype, warn)
+            result["kadid10k"] = accuracy_summary(confusion, self.class_table)
+            self._write(confusion, out / "confusion_kadid10k")
+        net.train()
+        return result
+
+    def _write(self, confusion: np.ndarray, stem: Path) -> None:
+        if self.group.rank == 0:
+            save_confusion_png(confusion, self.class_table, stem.with_suffix(".png"))
+            atomic_write_bytes(stem.with_suffix(".json"),
+                               json.dumps({"class_table": self.class_table,
+                                           "confusion": confusion.tolist()}).encode())
 
 
 def accuracy_summary(confusion: np.ndarray, class_table: list[dict]) -> dict:
@@ -246,22 +329,23 @@ def save_confusion_png(confusion: np.ndarray, class_table: list[dict], path: str
     atomic_write(path, lambda f: canvas.save(f, format="PNG"))
 
 
-# ----------------------------------------------------------------------------- plumbing
-def _to_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = dpm_input(images.to(device, non_blocking=True))
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+def evaluate_checkpoint(checkpoint: str | Path, val_shards: str, batch_size: int = 64,
+                        workers: int = 0, device: str | None = "auto") -> np.ndarray:
+    """The confusion matrix (true x predicted) of a ``train`` checkpoint on ``val_shards``
+    in one process: what sharded validation must reproduce."""
+    dev = resolve_device(device)
+    model, config = load_dpm(checkpoint, dev)
+    shards = open_shards(val_shards, allow_incomplete=True)
+    if shards.class_table != config["class_table"]:
+        raise ValueError(f"{val_shards} has another type table than {checkpoint}")
+    train_config = TrainConfig(shards=val_shards, batch_size=batch_size,
+                               input_size=tuple(config["input_size"]), seed=config["seed"])
+    validator = _Validator(train_config, shards, shards, False, _Dist(False), workers, False)
+    net = PretrainNet(model, False).to(dev)
+    return validator._confusion(net, validator.loaders["val"], dev, False, None, log.warning)
 
 
-def _init_distributed(use_cuda: bool) -> tuple[int, int, int]:
-    """(rank, world, local rank) from torchrun's environment; gloo on CPU, nccl on GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if world > 1:
-        return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 1, 0
-
-
+# ----------------------------------------------------------------------------- training
 class _MetricsLog:
     """metrics.jsonl (rank 0): one JSON object per line, flushed, appended across resumes."""
 
@@ -286,35 +370,53 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
-# ----------------------------------------------------------------------------- training
 def train(config: TrainConfig) -> dict:
     """Run (or resume) DPM pre-training; returns a summary: steps, epochs, best_acc, last
     validation, skipped samples, checkpoint paths."""
     config.validate()
-    use_cuda = config.device == "cuda" or (config.device is None and torch.cuda.is_available())
-    rank, world, local_rank = _init_distributed(use_cuda)
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if str(config.device or "auto").startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {config.device} requested but CUDA is not available")
+    use_cuda = str(config.device or "auto") != "cpu" and torch.cuda.is_available()
+    group = _Dist(use_cuda)
+    try:
+        return _train(config, group)
+    except NoReadableShards as exc:  # re-raised from a loader worker: keep its message
+        message = str(exc).strip().splitlines()[-1]
+        raise ValueError(message.split("NoReadableShards: ", 1)[-1]) from None
+    finally:
+        group.close()
+
+
+def _train(config: TrainConfig, group: _Dist) -> dict:
+    device = resolve_device(config.device, group.local_rank)
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
-    elif rank == 0 and config.arch != "tiny":
-        log.warning("training %s on the CPU: this will be slow (use --device cuda)", config.arch)
-    amp = use_cuda if config.amp is None else config.amp and use_cuda
-    amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
+        group.device = device
+    rank, world = group.rank, group.world
+    dtype = amp_dtype(device, config.amp, config.amp_dtype)
+    channels_last = use_cuda if config.channels_last is None else config.channels_last
+    workers = config.resolved_workers()
     out = Path(config.out)
+    last_path, best_path = out / "last.pt", out / "best.pt"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        for name in ("last.pt", "best.pt", "confusion.png", "confusion.json",
+                     "confusion_kadid10k.png", "confusion_kadid10k.json", "metrics.jsonl"):
+            remove_own_partials(out / name)  # of a run killed while writing
 
-    shards = open_shards(config.shards)
-    val_shards = open_shards(config.val_shards) if config.val_shards else None
+    shards = open_shards(config.shards, config.allow_incomplete)
+    val_shards = (open_shards(config.val_shards, config.allow_incomplete)
+                  if config.val_shards else None)
     if val_shards is not None and val_shards.class_table != shards.class_table:
         raise ValueError("--val-shards have another type table than --shards")
-    kadid = (KadidDataset(config.kadid_root, shards.class_table, config.input_hw)
-             if config.kadid_root else None)
+    for missing in (shards.missing + (val_shards.missing if val_shards else []))[:5]:
+        log.warning("shard missing, its samples are skipped: %s", missing)
     pairs = config.ranking_weight > 0
     train_set = ShardStream(shards, config.input_hw, config.batch_size // 2 if pairs
                             else config.batch_size, train=True, pairs=pairs, seed=config.seed,
-                            rank=rank, world=world, shuffle_size=config.shuffle_buffer)
+                            rank=rank, world=world)
     steps_per_epoch = train_set.steps_per_epoch()
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
@@ -325,20 +427,24 @@ def train(config: TrainConfig) -> dict:
     if config.init_weights:
         load_torchvision_weights(backbone, config.init_weights)
     net = PretrainNet(backbone, pairs).to(device)
-    channels_last = use_cuda
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
         optimizer, T_0=config.restart_epochs, T_mult=2, eta_min=config.min_lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler(dtype))
 
     plain_config = _plain_config(config, shards)
     step, best_acc = 0, -1.0
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    if config.resume and last_path.is_file():
-        state = read_torch_file(last_path, "a biqa-train-dpm checkpoint", device)
+    state = None
+    if config.resume:
+        if rank == 0 and last_path.is_file():
+            state = read_torch_file(last_path, "a biqa-train-dpm checkpoint", "cpu")
+        elif rank == 0:
+            log.warning("--resume: no %s yet, starting from scratch", last_path)
+        state = group.broadcast(state)  # rank 0 decides, for every rank
+    if state is not None:
         for key in ("arch", "num_classes", "input_size"):
             if state["config"][key] != plain_config[key]:
                 raise ValueError(f"--resume: {last_path} has {key}={state['config'][key]!r}, "
@@ -348,12 +454,18 @@ def train(config: TrainConfig) -> dict:
             net.quality.load_state_dict(state["quality_head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         step, best_acc = int(state["step"]), float(state["best_acc"])
-        if rank == 0:
-            _set_rng_state(state["rng"], device)
-        log.info("resumed from %s at step %d", last_path, step)
-    elif config.resume and rank == 0:
-        log.warning("--resume: no %s yet, starting from scratch", last_path)
+        rngs = state.get("rng") or []
+        if len(rngs) == world:
+            _set_rng_state(rngs[rank], device)
+        else:  # another world size: a fresh stream per rank, derived from the step
+            torch.manual_seed(config.seed * 1000 + rank + 7919 * step)
+        log.info("rank %d resumed from %s at step %d", rank, last_path, step)
+        del state
+    if rank == 0:
+        _trim_metrics(out / "metrics.jsonl", step)
 
     model = net
     if world > 1:
@@ -362,100 +474,117 @@ def train(config: TrainConfig) -> dict:
     if config.compile:
         model = torch.compile(model)
 
-    def checkpoint(epoch: int) -> dict:
+    def checkpoint(epoch: int) -> dict | None:
+        """The full training state on rank 0 (every rank's RNG gathered; None elsewhere)."""
+        rngs = group.gather(_rng_state(device))
+        if rank != 0:
+            return None
         return {"model": backbone.state_dict(),
                 "quality_head": net.quality.state_dict() if pairs else {},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "step": step, "epoch": epoch, "rng": _rng_state(device),
+                "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "rng": rngs,
                 "best_acc": best_acc, "config": plain_config}
+
+    def save(epoch: int, best: bool = False) -> None:
+        state_now = checkpoint(epoch)  # collective: every rank calls it
+        if state_now is not None:
+            save_checkpoint(last_path, state_now)
+            if best:
+                save_checkpoint(best_path, state_now)
+
+    warned: set[str] = set()
+
+    def warn(line: str) -> None:
+        if line not in warned:
+            warned.add(line)
+            (bar.write if bar is not None else log.warning)(f"rank {rank}: warning: {line}"
+                                                            if world > 1 else f"warning: {line}")
+
+    pin = use_cuda
+    validator = _Validator(config, shards, val_shards, pairs, group, workers, pin)
+    metrics = _MetricsLog(out / "metrics.jsonl", rank == 0)
+    if rank == 0:
+        log.info("%d samples in %d shards (%d classes); %s on %s%s, %d loader workers, "
+                 "batch %d x %d ranks; %d steps per epoch, %d steps to go",
+                 shards.samples, len(shards.urls), shards.num_classes, config.arch, device,
+                 f" with {str(dtype).replace('torch.', '')} autocast" if dtype else "",
+                 workers, config.batch_size, world, steps_per_epoch, total_steps - step)
+    bar = _progress(total_steps, step, rank == 0)
+    loader = make_loader(train_set, workers, pin)
+    window = _Window(device)
+    skipped_total = shards.missing_samples if rank == 0 else 0
+    last_record: dict = {}
 
     def validate_and_save(epoch: int) -> dict:
         nonlocal best_acc
         record: dict = {"kind": "epoch", "step": step, "epoch": epoch}
+        record.update(validator.run(net, device, channels_last, dtype, out, warn))
+        acc = record.get("val", {}).get("top1")
+        improved = acc is not None and acc > best_acc
+        best_acc = acc if improved else best_acc
+        save(epoch, best=improved)
+        record["best_acc"] = best_acc
+        metrics.write(record)
         if rank == 0:
-            record.update(_validation(net, val_shards, kadid, config, device, channels_last,
-                                      shards, out))
-            acc = record.get("val", {}).get("top1")
-            improved = acc is not None and acc > best_acc
-            best_acc = acc if improved else best_acc
-            save_checkpoint(last_path, checkpoint(epoch))
-            if improved:
-                save_checkpoint(best_path, checkpoint(epoch))
-            record["best_acc"] = best_acc
-            metrics.write(record)
-            log.info("epoch %d step %d: %s", epoch, step, json.dumps(
-                {k: v for k, v in record.items() if k not in ("kind",)}))
-        if world > 1:
-            dist.barrier()
+            line = f"epoch {epoch} step {step}: " + json.dumps(
+                {k: v for k, v in record.items() if k not in ("kind", "step", "epoch")})
+            (bar.write if bar is not None else log.info)(line)
         return record
 
-    metrics = _MetricsLog(out / "metrics.jsonl", rank == 0)
-    bar = _progress(total_steps, step, rank == 0)
-    loader = make_loader(train_set, train_set.batch_size, config.workers, use_cuda)
-    window = {"loss": 0.0, "rank_loss": 0.0, "right": 0, "seen": 0, "steps": 0, "skipped": 0,
-              "t0": time.perf_counter()}
-    skipped_total = 0
-    last_record: dict = {}
     net.train()
     while step < total_steps:
         epoch = step // steps_per_epoch
         done_in_epoch = step - epoch * steps_per_epoch
         train_set.set_epoch(epoch, restart=step if done_in_epoch else 0)
         steps_now = min(steps_per_epoch - done_in_epoch, total_steps - step)
-        for batch in islice(loader, steps_now):
+        batches = assemble(iter(loader), train_set.active_workers(loader.num_workers))
+        for batch in islice(batches, steps_now):
+            for line in batch["warnings"]:
+                warn(line)
             loss, rank_loss, right, seen = _train_step(model, net, batch, optimizer, scaler,
-                                                       config, device, channels_last,
-                                                       amp_dtype if amp else None)
+                                                       config, device, channels_last, dtype)
             step += 1
             scheduler.step(step / steps_per_epoch)
-            # running sums stay on the device: no host sync per step
-            window["loss"] += loss
-            window["rank_loss"] += rank_loss
-            window["right"] += right
-            window["seen"] += seen
-            window["steps"] += 1
-            window["skipped"] += int(batch["skipped"].sum())
+            window.add(loss, rank_loss, right, seen, batch["skipped"])
             if bar is not None:
                 bar.update(1)
             if step % config.log_every == 0 or step == total_steps:
-                _sum_over_ranks(window, ("skipped",), device, world)
-                skipped_total += window["skipped"]
-                last_record = _log_window(window, step, epoch, scheduler, world, metrics, bar,
-                                          total_steps, pairs)
-            if step % config.save_every == 0 and rank == 0:
-                save_checkpoint(last_path, checkpoint(epoch))
+                record = window.record(group, step, epoch, scheduler.get_last_lr()[0], pairs)
+                skipped_total += record["skipped"]
+                metrics.write(record)
+                last_record = record
+                _show(record, bar, rank, total_steps)
+            if step % config.save_every == 0:
+                save(epoch)
         epoch_done = (step - 1) // steps_per_epoch
         if (epoch_done + 1) % config.val_every == 0 or step == total_steps:
             last_record = {**last_record, **validate_and_save(epoch_done)}
-        elif rank == 0:
-            save_checkpoint(last_path, checkpoint(epoch_done))
+        else:
+            save(epoch_done)
     if bar is not None:
         bar.close()
     metrics.close()
-    skipped_total += window["skipped"]
     return {"steps": step, "steps_per_epoch": steps_per_epoch, "best_acc": best_acc,
             "last": last_record, "skipped": skipped_total, "rank": rank, "world": world,
-            "last_checkpoint": str(last_path), "best_checkpoint": str(best_path)}
+            "validated": bool(validator), "last_checkpoint": str(last_path),
+            "best_checkpoint": str(best_path)}
 
 
 def _train_step(model: nn.Module, net: PretrainNet, batch: dict, optimizer, scaler,
                 config: TrainConfig, device: torch.device, channels_last: bool,
-                amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                        int]:
+                dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    int]:
     """One SGD step; returns (classification loss, ranking loss, correct, images), detached
-    and still on the device."""
+    and still on the device: nothing here waits for the device."""
     pairs = net.quality is not None
-    images, labels, levels = batch["image"], batch["label"], batch["level"]
-    if pairs:  # (B/2, 2, ...) -> (B, ...), pair i at rows 2i and 2i+1
-        images, labels, levels = images.flatten(0, 1), labels.flatten(), levels.flatten()
-    x = _to_input(images, device, channels_last)
+    labels, levels = batch["label"].flatten(), batch["level"].flatten()
+    x = _to_input(batch["image"], device, channels_last)
     labels = labels.to(device, non_blocking=True)
-    precision = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                 else contextlib.nullcontext())
-    with precision:
+    with autocast(device, dtype):
         logits, quality = model(x)
     loss = F.cross_entropy(logits.float(), labels)
-    rank_loss = (pair_ranking_loss(quality, levels.to(device), config.ranking_margin) if pairs
+    rank_loss = (pair_ranking_loss(quality, levels.to(device, non_blocking=True),
+                                   config.ranking_margin) if pairs
                  else torch.zeros((), device=device))
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss + config.ranking_weight * rank_loss).backward()
@@ -468,64 +597,45 @@ def _train_step(model: nn.Module, net: PretrainNet, batch: dict, optimizer, scal
     return loss.detach(), rank_loss.detach(), right, labels.numel()
 
 
-def _sum_over_ranks(window: dict, keys: tuple[str, ...], device: torch.device,
-                    world: int) -> None:
-    """Replace per-rank counts by their sum over all ranks (every rank calls this)."""
-    if world == 1:
+class _Window:
+    """Running sums since the last log line -- loss, ranking loss and correct predictions on
+    the device (no sync per step), counts on the host -- reduced over ranks when a line is
+    written: mean loss and accuracy of all ranks, images/s of all ranks together."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.counts = [0, 0, 0]  # images, steps, skipped samples
+        self.t0 = time.perf_counter()
+
+    def add(self, loss, rank_loss, right, seen: int, skipped: int) -> None:
+        self.sums += torch.stack([loss.double(), rank_loss.double(), right.double()])
+        self.counts = [self.counts[0] + seen, self.counts[1] + 1, self.counts[2] + skipped]
+
+    def record(self, group: _Dist, step: int, epoch: int, lr: float, pairs: bool) -> dict:
+        both = torch.cat([self.sums, torch.tensor(self.counts, dtype=torch.float64,
+                                                  device=self.device)])
+        loss, rank_loss, right, seen, steps, skipped = group.sum_(both).tolist()
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        record = {"kind": "step", "step": step, "epoch": epoch, "loss": loss / max(steps, 1),
+                  "acc": right / max(seen, 1), "lr": lr, "images_per_s": seen / elapsed,
+                  "skipped": int(skipped)}
+        if pairs:
+            record["rank_loss"] = rank_loss / max(steps, 1)
+        self.sums.zero_()
+        self.counts = [0, 0, 0]
+        self.t0 = time.perf_counter()
+        return record
+
+
+def _show(record: dict, bar, rank: int, total_steps: int) -> None:
+    if rank != 0:
         return
-    values = torch.tensor([float(window[k]) for k in keys], device=device)
-    dist.all_reduce(values)
-    for key, value in zip(keys, values.tolist()):
-        window[key] = int(value)
-
-
-def _log_window(window: dict, step: int, epoch: int, scheduler, world: int, metrics: _MetricsLog,
-                bar, total_steps: int, pairs: bool) -> dict:
-    """Write the running means since the last log line, then reset the window."""
-    elapsed = max(time.perf_counter() - window["t0"], 1e-9)
-    n = max(window["steps"], 1)
-    record = {"kind": "step", "step": step, "epoch": epoch, "loss": float(window["loss"]) / n,
-              "acc": float(window["right"]) / max(window["seen"], 1),
-              "lr": scheduler.get_last_lr()[0],
-              "images_per_s": window["seen"] * world / elapsed, "skipped": window["skipped"]}
-    if pairs:
-        record["rank_loss"] = float(window["rank_loss"]) / n
-    metrics.write(record)
     if bar is not None:
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}",
                         img_s=f"{record['images_per_s']:.0f}")
-    elif metrics.file is not None:
-        log.info("step %d/%d epoch %d loss %.4f acc %.3f lr %.5f %.1f img/s", step, total_steps,
-                 epoch, record["loss"], record["acc"], record["lr"], record["images_per_s"])
-    window.update(loss=0.0, rank_loss=0.0, right=0, seen=0, steps=0, skipped=0,
-                  t0=time.perf_counter())
-    return record
-
-
-def _validation(net: PretrainNet, val_shards: ShardSet | None, kadid: KadidDataset | None,
-                config: TrainConfig, device: torch.device, channels_last: bool,
-                shards: ShardSet, out: Path) -> dict:
-    """Validation on the held-out shards (top-1, per type, confusion PNG, pair ranking) and on
-    KADID-10k; empty when neither is configured."""
-    result: dict = {}
-    batch = config.batch_size
-    if val_shards is not None:
-        stream = ShardStream(val_shards, config.input_hw, batch, train=False, seed=config.seed)
-        confusion = _evaluate(net, make_loader(stream, batch, config.workers, False), device,
-                              shards.num_classes, channels_last)
-        summary = accuracy_summary(confusion, shards.class_table)
-        # every sample is read once, so the manifest's count tells how many were unreadable
-        result["val"] = {**summary, "skipped": sum(val_shards.counts) - summary["samples"]}
-        save_confusion_png(confusion, shards.class_table, out / "confusion.png")
-        if net.quality is not None:
-            pair_stream = ShardStream(val_shards, config.input_hw, batch // 2, train=False,
-                                      pairs=True, seed=config.seed)
-            result["val"]["pair_ranking_acc"] = _ranking_accuracy(
-                net, make_loader(pair_stream, batch // 2, config.workers, False), device,
-                channels_last)
-    if kadid is not None:
-        confusion = _evaluate(net, make_loader(kadid, batch, config.workers, False), device,
-                              shards.num_classes, channels_last)
-        result["kadid10k"] = accuracy_summary(confusion, shards.class_table)
-        save_confusion_png(confusion, shards.class_table, out / "confusion_kadid10k.png")
-    return result
+    else:
+        log.info("step %d/%d epoch %d loss %.4f acc %.3f lr %.5f %.1f img/s%s", record["step"],
+                 total_steps, record["epoch"], record["loss"], record["acc"], record["lr"],
+                 record["images_per_s"],
+                 f" ({record['skipped']} samples skipped)" if record["skipped"] else "")

@@ -1,0 +1,102 @@
+"""The configuration of a DPM pre-training run, without torch: the CLI checks flags, reads
+the shards' manifest and says what it is about to do before paying for ``import torch``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+ARCHS = ("botnet50", "resnet50", "resnet18", "tiny")
+AMP_DTYPES = ("bf16", "fp16")
+
+
+def available_cores() -> int:
+    """The cores this process may use (affinity and cgroup-pinned sets respected)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Loader workers per process: the cores available, shared among the ranks of this
+    machine, less one for the training loop itself (at least one)."""
+    local_world = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(1, available_cores() // local_world - 1)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved (as a plain dict) inside every checkpoint."""
+    shards: str
+    val_shards: str | None = None
+    out: str = "runs/dpm"
+    arch: str = "botnet50"
+    epochs: int = 40
+    max_steps: int | None = None
+    batch_size: int = 64  # per process
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    grad_clip: float = 2.0
+    restart_epochs: int = 8  # cosine warm restarts: T_0 (epochs), T_mult = 2
+    min_lr: float = 1e-4
+    workers: int | None = None  # None: default_workers()
+    device: str | None = None  # None/"auto": cuda if available; cpu, cuda, cuda:N
+    amp: bool | None = None  # None: on for CUDA, off on the CPU
+    amp_dtype: str | None = None  # None: bf16 where native, else fp16 with a grad scaler
+    channels_last: bool | None = None  # None: on for CUDA
+    ranking_weight: float = 0.0
+    ranking_margin: float = 0.5
+    resume: bool = False
+    input_size: tuple[int, int] = (384, 288)  # (width, height)
+    init_weights: str | None = None
+    compile: bool = False
+    log_every: int = 50
+    save_every: int = 1000
+    val_every: int = 1  # epochs; the last step always validates
+    kadid_root: str | None = None
+    seed: int = 0
+    allow_incomplete: bool = False
+
+    def validate(self) -> None:
+        """Reject bad values before any work starts (no torch needed)."""
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+                    "log_every": self.log_every, "save_every": self.save_every,
+                    "val_every": self.val_every, "restart_epochs": self.restart_epochs}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if (self.workers is not None and self.workers < 0) or self.ranking_weight < 0:
+            raise ValueError("workers and ranking_weight must be >= 0")
+        if len(self.input_size) != 2 or min(self.input_size) < 32:
+            raise ValueError(f"input_size must be (width, height) >= 32, got {self.input_size}")
+        if self.ranking_weight > 0 and self.batch_size % 2:
+            raise ValueError("with ranking the batch holds pairs: batch_size must be even")
+        device = self.device or "auto"
+        if device not in ("auto", "cpu", "cuda") and not (
+                device.startswith("cuda:") and device[5:].isdigit()):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.amp_dtype not in (None, *AMP_DTYPES):
+            raise ValueError(f"amp_dtype must be one of {AMP_DTYPES}, got {self.amp_dtype!r}")
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return self.input_size[1], self.input_size[0]
+
+    def resolved_workers(self) -> int:
+        return default_workers() if self.workers is None else self.workers
+
+    def as_dict(self) -> dict:
+        plain = dataclasses.asdict(self)
+        plain["input_size"] = list(self.input_size)
+        return plain
+
+
+# ``--smoke``: a run that shows the whole pipeline working on a CPU in about a minute.
+SMOKE = {"arch": "tiny", "input_size": (128, 96), "batch_size": 32, "max_steps": 150,
+         "lr": 0.05, "log_every": 10, "save_every": 50, "restart_epochs": 1000}
