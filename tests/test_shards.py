@@ -12,7 +12,8 @@ import pytest
 import webdataset as wds
 
 from biqa.shards.reader import decode_sample, iter_samples, load_manifest, shard_paths
-from biqa.shards.writer import (ShardWriter, atomic_write_bytes, encode_image, file_digest)
+from biqa.shards.writer import (IMAGE_EXTENSIONS, ShardWriter, atomic_write_bytes, encode_image,
+                                file_digest)
 
 
 def _image(seed=0, h=40, w=56):
@@ -22,7 +23,8 @@ def _image(seed=0, h=40, w=56):
 def _write(path, samples, fmt="png"):
     with ShardWriter(str(path)) as w:
         for key, img, cls in samples:
-            w.add(key, {fmt: encode_image(img, fmt), "json": json.dumps({"class": cls}).encode(),
+            w.add(key, {IMAGE_EXTENSIONS[fmt]: encode_image(img, fmt),
+                        "json": json.dumps({"class": cls}).encode(),
                         "cls": str(cls).encode()})
         return w.commit()
 
@@ -67,7 +69,7 @@ def test_atomic_write_keeps_old_content_on_failure(tmp_path):
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.json"]
 
 
-@pytest.mark.parametrize("fmt", ["png", "webp"])
+@pytest.mark.parametrize("fmt", ["png", "webp", "zstd"])
 def test_lossless_round_trip_through_webdataset(tmp_path, fmt):
     samples = [(f"r{i}_02_{lv:02d}", _image(10 * i + lv), 5 + lv - 1)
                for i in range(2) for lv in (1, 3)]
@@ -82,7 +84,7 @@ def test_lossless_round_trip_through_webdataset(tmp_path, fmt):
         assert decoded.dtype == np.uint8 and np.array_equal(decoded, img)
         assert meta == {"class": cls}
     raw = next(iter(wds.WebDataset(str(tmp_path / "shard-000000.tar"), shardshuffle=False)))
-    assert raw["__key__"] == samples[0][0] and set(raw) >= {fmt, "json", "cls"}
+    assert raw["__key__"] == samples[0][0] and set(raw) >= {IMAGE_EXTENSIONS[fmt], "json", "cls"}
 
 
 def test_decode_sample_rejects_corrupt_samples():
@@ -107,7 +109,7 @@ def test_missing_or_broken_manifest_is_a_clear_error(tmp_path):
 
 
 def test_encode_refuses_unknown_format():
-    with pytest.raises(ValueError, match="png or webp"):
+    with pytest.raises(ValueError, match="png, webp, zstd"):
         encode_image(_image(), "bmp")
     buf = io.BytesIO(encode_image(_image(), "png"))
     assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"

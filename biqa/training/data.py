@@ -160,6 +160,13 @@ def _ycbcr_affine(device: torch.device, mean: tuple, std: tuple
     return _AFFINE_CACHE[key]
 
 
+def _floats(values) -> tuple[float, ...]:
+    """Three statistics as plain floats, from a tuple or a (1, 3, 1, 1) buffer."""
+    if isinstance(values, torch.Tensor):
+        return tuple(values.detach().flatten().tolist())
+    return tuple(float(v) for v in values)
+
+
 def dpm_input(rgb_uint8: torch.Tensor, mean=YCBCR_MEAN, std=YCBCR_STD) -> torch.Tensor:
     """uint8 RGB (B, 3, H, W) -> the DPM's input: YCbCr / 255 with VIPNet's mean/std.
 
@@ -169,7 +176,7 @@ def dpm_input(rgb_uint8: torch.Tensor, mean=YCBCR_MEAN, std=YCBCR_STD) -> torch.
     NHWC (``permute(0, 3, 1, 2)`` of the loader's batch) is never transposed in memory.
     In float, so it differs from Pillow's integer YCbCr (which truncates) by at most one
     grey level."""
-    a, b = _ycbcr_affine(rgb_uint8.device, tuple(map(float, mean)), tuple(map(float, std)))
+    a, b = _ycbcr_affine(rgb_uint8.device, _floats(mean), _floats(std))
     nhwc = rgb_uint8.permute(0, 2, 3, 1).float()
     return torch.addmm(b, nhwc.reshape(-1, 3), a).view(nhwc.shape).permute(0, 3, 1, 2)
 
