@@ -57,7 +57,7 @@ def _size(min_side: int):
                    "references at the same paths.")
 @click.option("--per-shard", default=200, show_default=True, type=click.IntRange(min=1),
               help="Samples per shard, rounded down to a multiple of the number of levels.")
-@click.option("--image-format", default=None, type=click.Choice(["png", "webp"]),
+@click.option("--image-format", default=None, type=click.Choice(["png", "webp", "zstd"]),
               help="Lossless encoding of the images. Default: webp for shards (cheaper to "
                    "encode and decode than PNG, and smaller; see docs/generator.md), png "
                    "with --format folder.")

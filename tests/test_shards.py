@@ -12,7 +12,7 @@ import pytest
 import webdataset as wds
 
 from biqa.shards.reader import decode_sample, iter_samples, load_manifest, shard_paths
-from biqa.shards.writer import (IMAGE_EXTENSIONS, ShardWriter, atomic_write_bytes, encode_image,
+from biqa.shards.writer import (MEMBER_EXTENSIONS, ShardWriter, atomic_write_bytes, encode_image,
                                 file_digest)
 
 
@@ -23,7 +23,7 @@ def _image(seed=0, h=40, w=56):
 def _write(path, samples, fmt="png"):
     with ShardWriter(str(path)) as w:
         for key, img, cls in samples:
-            w.add(key, {IMAGE_EXTENSIONS[fmt]: encode_image(img, fmt),
+            w.add(key, {MEMBER_EXTENSIONS[fmt]: encode_image(img, fmt),
                         "json": json.dumps({"class": cls}).encode(),
                         "cls": str(cls).encode()})
         return w.commit()
@@ -84,7 +84,7 @@ def test_lossless_round_trip_through_webdataset(tmp_path, fmt):
         assert decoded.dtype == np.uint8 and np.array_equal(decoded, img)
         assert meta == {"class": cls}
     raw = next(iter(wds.WebDataset(str(tmp_path / "shard-000000.tar"), shardshuffle=False)))
-    assert raw["__key__"] == samples[0][0] and set(raw) >= {IMAGE_EXTENSIONS[fmt], "json", "cls"}
+    assert raw["__key__"] == samples[0][0] and set(raw) >= {MEMBER_EXTENSIONS[fmt], "json", "cls"}
 
 
 def test_decode_sample_rejects_corrupt_samples():

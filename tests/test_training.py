@@ -22,29 +22,16 @@ from PIL import Image
 
 from biqa.data import sample_reference_paths
 from biqa.distortions import distort
-from biqa.generator import generate
 from biqa.shards.reader import open_shards
 from biqa.training.data import (ShardStream, crop_or_pad, deal_balanced, dpm_input,
                                 split_quota, steps_per_epoch, worker_plan)
 from biqa.training.pretrain import TrainConfig, load_dpm, train
 
+from conftest import TYPES, make_shards
+
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-# Types that a tiny CNN can tell apart on 64x64 crops.
-TYPES = [(1, "gaussian_blur"), (11, "white_noise"), (13, "impulse_noise"), (18, "mean_shift")]
-SIZE = "96x72"
-
-
-def make_shards(out: Path, refs: list[Path], per_shard: int, **options) -> Path:
-    """Real biqa-gen shards of the four types at 96x72 (small, so tests decode fast)."""
-    manifest = generate(refs=[str(r) for r in refs], distortions=",".join(str(t) for t, _ in TYPES),
-                        out=str(out), per_shard=per_shard, resize=SIZE, workers=1,
-                        progress=False, **options)
-    assert manifest["status"] == "complete"
-    return out
-
 
 def corrupt_member(shard: Path, key: str) -> None:
     """Rewrite ``shard`` with the PNG of ``key`` cut to a third of its bytes."""
@@ -56,17 +43,6 @@ def corrupt_member(shard: Path, key: str) -> None:
                 data = data[: len(data) // 3]
                 member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> dict[str, Path]:
-    """Train on five bundled references (three shards of 35/35/30 samples: odd and uneven),
-    validate on two others (chelsea, coffee)."""
-    refs = sample_reference_paths()
-    val = [r for r in refs if r.stem in ("chelsea", "coffee")]
-    root = tmp_path_factory.mktemp("shards")
-    return {"train": make_shards(root / "train", [r for r in refs if r not in val], 35),
-            "val": make_shards(root / "val", val, 20)}
 
 
 def _metrics(out: Path) -> list[dict]:

@@ -13,10 +13,12 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
+from biqa.shards.writer import MEMBER_EXTENSIONS
+
 from .refs import RefTable
 
 OUT_FORMATS = ("webdataset", "folder")
-IMAGE_FORMATS = ("png", "webp")
+IMAGE_FORMATS = tuple(MEMBER_EXTENSIONS)
 # Lossless WebP (fastest method) costs less CPU to encode and decode than PNG and is
 # ~6 % smaller on the bundled refs: see docs/generator.md for the numbers.
 DEFAULT_IMAGE_FORMAT = "webp"

@@ -22,7 +22,8 @@ from threadpoolctl import threadpool_limits
 from biqa.distortions import DistortionNotApplicable, get
 from biqa.distortions._matlab import psnr
 from biqa.distortions.api import apply_spec
-from biqa.shards.writer import ShardWriter, atomic_write_bytes, encode_image, file_digest
+from biqa.shards.writer import (MEMBER_EXTENSIONS, ShardWriter, atomic_write_bytes,
+                                encode_image, file_digest)
 
 from .plan import ShardTask
 from .refs import ReferenceSkipped, load_reference
@@ -145,10 +146,10 @@ def _generate(task: ShardTask) -> dict:
                 continue
             for key, encoded, meta in group:
                 if wds:
-                    writer.add(key, {s.image_format: encoded, "json": _dumps(meta),
-                                     "cls": str(meta["class"]).encode()})
+                    writer.add(key, {MEMBER_EXTENSIONS[s.image_format]: encoded,
+                                     "json": _dumps(meta), "cls": str(meta["class"]).encode()})
                 else:
-                    name = f"{key}.{s.image_format}"
+                    name = f"{key}.{MEMBER_EXTENSIONS[s.image_format]}"
                     atomic_write_bytes(os.path.join(s.out_dir, name), encoded)
                     files.append({"name": name, "size": len(encoded),
                                   "sha256": hashlib.sha256(encoded).hexdigest(), "meta": meta})

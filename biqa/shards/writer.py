@@ -170,7 +170,7 @@ def file_digest(path: str) -> tuple[int, str]:
 
 
 # The member extension of each lossless image format.
-IMAGE_EXTENSIONS = {"png": "png", "webp": "webp", "zstd": "npy.zst"}
+MEMBER_EXTENSIONS = {"png": "png", "webp": "webp", "zstd": "npy.zst"}
 
 
 def encode_image(rgb, image_format: str) -> bytes:
@@ -199,5 +199,5 @@ def encode_image(rgb, image_format: str) -> bytes:
         np.lib.format.write_array(out, np.ascontiguousarray(rgb, dtype=np.uint8),
                                   allow_pickle=False)
         return zstandard.ZstdCompressor(level=1).compress(out.getvalue())
-    raise ValueError(f"image format must be one of {', '.join(IMAGE_EXTENSIONS)}, got "
+    raise ValueError(f"image format must be one of {', '.join(MEMBER_EXTENSIONS)}, got "
                      f"{image_format!r}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -455,6 +456,28 @@ def assemble(parts: Iterator[dict], active: int) -> Iterator[dict]:
             raise RuntimeError(f"batch parts out of order: workers {[p['worker'] for p in pending]}")
         yield join_parts(pending)
         pending = []
+
+
+def training_batches(loader: DataLoader, stream: ShardStream) -> Iterator[dict]:
+    """One epoch of whole training batches of ``stream`` (call ``set_epoch`` first)."""
+    return assemble(iter(loader), stream.active_workers(loader.num_workers))
+
+
+def batch_mixing(batches: list[list[str]]) -> dict:
+    """How mixed batches are: the mean number of distinct references in a batch and the mean
+    largest share of a batch that comes from one reference."""
+    distinct = [len(set(refs)) for refs in batches]
+    largest = [max(Counter(refs).values()) / len(refs) for refs in batches]
+    return {"batches": len(batches), "distinct_refs": float(np.mean(distinct)),
+            "largest_share": float(np.mean(largest))}
+
+
+def full_shuffle_mixing(refs: list[str], batch: int, trials: int = 2000, seed: int = 0) -> dict:
+    """``batch_mixing`` of batches drawn from a full shuffle of ``refs`` (one per sample):
+    the value a streaming loader is measured against."""
+    rng = np.random.default_rng(seed)
+    return batch_mixing([[refs[i] for i in rng.choice(len(refs), batch, replace=False)]
+                         for _ in range(trials)])
 
 
 def join_parts(parts: list[dict]) -> dict:

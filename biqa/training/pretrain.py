@@ -35,7 +35,7 @@ from biqa.shards.writer import atomic_write, atomic_write_bytes, remove_own_part
 
 from .config import TrainConfig
 from .data import (LEVELS, NORMALISATION, KadidDataset, NoReadableShards, ShardStream,
-                   assemble, dpm_input, make_loader)
+                   dpm_input, make_loader, training_batches)
 from .device import amp_dtype, autocast, needs_scaler, resolve_device
 from .models import (create_model, load_torchvision_weights, read_torch_file,
                      write_torch_file)
@@ -537,8 +537,7 @@ def _train(config: TrainConfig, group: _Dist) -> dict:
         done_in_epoch = step - epoch * steps_per_epoch
         train_set.set_epoch(epoch, restart=step if done_in_epoch else 0)
         steps_now = min(steps_per_epoch - done_in_epoch, total_steps - step)
-        batches = assemble(iter(loader), train_set.active_workers(loader.num_workers))
-        for batch in islice(batches, steps_now):
+        for batch in islice(training_batches(loader, train_set), steps_now):
             for line in batch["warnings"]:
                 warn(line)
             loss, rank_loss, right, seen = _train_step(model, net, batch, optimizer, scaler,
