@@ -23,7 +23,7 @@ from biqa.shards.reader import open_shards
 from biqa.shards.writer import temp_name
 from biqa.training.data import (ShardStream, batch_mixing, full_shuffle_mixing, make_loader,
                                 training_batches)
-from biqa.training.pretrain import (TrainConfig, _to_input, evaluate_checkpoint, load_dpm,
+from biqa.training.pretrain import (TrainConfig, model_input, evaluate_checkpoint, load_dpm,
                                     train)
 
 from conftest import make_shards
@@ -237,9 +237,9 @@ def test_weights_only_refusal_does_not_advise_unsafe_loading(tmp_path):
 # ------------------------------------------------------------------------------ precision
 def test_to_input_is_channels_last_without_a_transposing_copy():
     parts = [torch.randint(0, 256, (3, 20, 30, 3), dtype=torch.uint8) for _ in range(2)]
-    x = _to_input(parts, torch.device("cpu"), channels_last=True)
+    x = model_input(parts, torch.device("cpu"), channels_last=True)
     assert x.shape == (6, 3, 20, 30) and x.is_contiguous(memory_format=torch.channels_last)
-    assert _to_input(parts, torch.device("cpu"), channels_last=False).is_contiguous()
+    assert model_input(parts, torch.device("cpu"), channels_last=False).is_contiguous()
 
 
 @pytest.mark.parametrize("amp_dtype", ["bf16", "fp16"])

@@ -12,6 +12,7 @@ window of it); shards behind a URL keep their bytes in memory while they are use
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -56,12 +57,18 @@ def shard_paths(path_or_dir) -> list[str]:
     return sorted(os.path.join(root, s["name"]) for s in manifest["shards"])
 
 
+@functools.cache
+def _zstd_decompressor() -> zstandard.ZstdDecompressor:
+    """One per process: making one per image costs as much as a small image's decoding."""
+    return zstandard.ZstdDecompressor()
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """PNG, WebP or zstd-compressed ``.npy`` bytes -> uint8 H×W×3 RGB; ValueError if they
     do not decode.  PNG/WebP decode straight to RGB (no BGR copy)."""
     if data[:4] == ZSTD_MAGIC:
         try:
-            raw = zstandard.ZstdDecompressor().decompress(data)
+            raw = _zstd_decompressor().decompress(data)
             image = np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
         except (zstandard.ZstdError, ValueError, OSError) as exc:
             raise ValueError(f"zstd image bytes do not decode: {exc}") from None

@@ -40,7 +40,8 @@ from .device import amp_dtype, autocast, needs_scaler, resolve_device
 from .models import (create_model, load_torchvision_weights, read_torch_file,
                      write_torch_file)
 
-__all__ = ["TrainConfig", "train", "load_dpm", "save_checkpoint", "evaluate_checkpoint"]
+__all__ = ["TrainConfig", "train", "load_dpm", "save_checkpoint", "evaluate_checkpoint",
+           "model_input"]
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class _Dist:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def _to_input(parts, device: torch.device, channels_last: bool) -> torch.Tensor:
+def model_input(parts, device: torch.device, channels_last: bool) -> torch.Tensor:
     """uint8 NHWC batch parts (pairs: N×2×H×W×3) -> the DPM input on ``device``: the parts
     travel as they are and are joined and converted there; channels-last costs nothing
     because the loader's layout already is."""
@@ -236,7 +237,7 @@ class _Validator:
                     warn(line)
                 if len(batch["label"]) == 0:
                     continue
-                logits, _ = net(_to_input(batch["image"], device, channels_last))
+                logits, _ = net(model_input(batch["image"], device, channels_last))
                 pred = logits.argmax(1).cpu()
                 confusion += torch.bincount(batch["label"] * self.num_classes + pred,
                                             minlength=self.num_classes ** 2)
@@ -249,7 +250,7 @@ class _Validator:
             for batch in loader:
                 if len(batch["label"]) == 0:
                     continue
-                q = net(_to_input(batch["image"], device, channels_last))[1].float()
+                q = net(model_input(batch["image"], device, channels_last))[1].float()
                 q = q.view(-1, 2).cpu()
                 lv = batch["level"].view(-1, 2)
                 order = torch.sign(lv[:, 1] - lv[:, 0])
@@ -537,7 +538,13 @@ def _train(config: TrainConfig, group: _Dist) -> dict:
         done_in_epoch = step - epoch * steps_per_epoch
         train_set.set_epoch(epoch, restart=step if done_in_epoch else 0)
         steps_now = min(steps_per_epoch - done_in_epoch, total_steps - step)
-        for batch in islice(training_batches(loader, train_set), steps_now):
+        batches = islice(training_batches(loader, train_set), steps_now)
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            window.waited += time.perf_counter() - waited
             for line in batch["warnings"]:
                 warn(line)
             loss, rank_loss, right, seen = _train_step(model, net, batch, optimizer, scaler,
@@ -577,7 +584,7 @@ def _train_step(model: nn.Module, net: PretrainNet, batch: dict, optimizer, scal
     and still on the device: nothing here waits for the device."""
     pairs = net.quality is not None
     labels, levels = batch["label"].flatten(), batch["level"].flatten()
-    x = _to_input(batch["image"], device, channels_last)
+    x = model_input(batch["image"], device, channels_last)
     labels = labels.to(device, non_blocking=True)
     with autocast(device, dtype):
         logits, quality = model(x)
@@ -599,12 +606,14 @@ def _train_step(model: nn.Module, net: PretrainNet, batch: dict, optimizer, scal
 class _Window:
     """Running sums since the last log line -- loss, ranking loss and correct predictions on
     the device (no sync per step), counts on the host -- reduced over ranks when a line is
-    written: mean loss and accuracy of all ranks, images/s of all ranks together."""
+    written: mean loss and accuracy of all ranks, images/s of all ranks together, and the
+    share of the time the ranks waited for their loaders (near 0: the loader keeps up)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.counts = [0, 0, 0]  # images, steps, skipped samples
+        self.waited = 0.0  # seconds spent waiting for the loader
         self.t0 = time.perf_counter()
 
     def add(self, loss, rank_loss, right, seen: int, skipped: int) -> None:
@@ -612,17 +621,18 @@ class _Window:
         self.counts = [self.counts[0] + seen, self.counts[1] + 1, self.counts[2] + skipped]
 
     def record(self, group: _Dist, step: int, epoch: int, lr: float, pairs: bool) -> dict:
-        both = torch.cat([self.sums, torch.tensor(self.counts, dtype=torch.float64,
-                                                  device=self.device)])
-        loss, rank_loss, right, seen, steps, skipped = group.sum_(both).tolist()
+        both = torch.cat([self.sums, torch.tensor([*self.counts, self.waited],
+                                                  dtype=torch.float64, device=self.device)])
+        loss, rank_loss, right, seen, steps, skipped, waited = group.sum_(both).tolist()
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         record = {"kind": "step", "step": step, "epoch": epoch, "loss": loss / max(steps, 1),
                   "acc": right / max(seen, 1), "lr": lr, "images_per_s": seen / elapsed,
-                  "skipped": int(skipped)}
+                  "loader_wait": waited / (elapsed * group.world), "skipped": int(skipped)}
         if pairs:
             record["rank_loss"] = rank_loss / max(steps, 1)
         self.sums.zero_()
         self.counts = [0, 0, 0]
+        self.waited = 0.0
         self.t0 = time.perf_counter()
         return record
 
@@ -632,9 +642,11 @@ def _show(record: dict, bar, rank: int, total_steps: int) -> None:
         return
     if bar is not None:
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}",
-                        img_s=f"{record['images_per_s']:.0f}")
+                        img_s=f"{record['images_per_s']:.0f}",
+                        data_wait=f"{100 * record['loader_wait']:.0f}%")
     else:
-        log.info("step %d/%d epoch %d loss %.4f acc %.3f lr %.5f %.1f img/s%s", record["step"],
-                 total_steps, record["epoch"], record["loss"], record["acc"], record["lr"],
-                 record["images_per_s"],
+        log.info("step %d/%d epoch %d loss %.4f acc %.3f lr %.5f %.1f img/s, %.0f%% waiting "
+                 "for data%s", record["step"], total_steps, record["epoch"], record["loss"],
+                 record["acc"], record["lr"], record["images_per_s"],
+                 100 * record["loader_wait"],
                  f" ({record['skipped']} samples skipped)" if record["skipped"] else "")
