@@ -64,9 +64,9 @@ class GpuSampler:
         return sum(self.samples) / len(self.samples) if self.samples else None
 
 
-def make_shards(work: Path, image_format: str, workers: int) -> str:
+def make_shards(work: Path, image_format: str, workers: int, distortions: str) -> str:
     out = work / f"shards_{image_format}"
-    generate(refs=[str(p) for p in sample_reference_paths()], distortions="vipnet",
+    generate(refs=[str(p) for p in sample_reference_paths()], distortions=distortions,
              out=str(out), per_shard=50, workers=workers, progress=False,
              image_format=image_format)
     return str(out)
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--workers", type=int, default=min(16, max(1, available_cores() - 1)))
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp)")
+    parser.add_argument("--distortions", default="vipnet", help="types of the shards")
     args = parser.parse_args()
     cpu = args.device == "cpu"
     if not cpu and not torch.cuda.is_available():
@@ -116,8 +117,8 @@ def main() -> None:
                     bf16_native=torch.cuda.is_bf16_supported(including_emulation=False))
     print(json.dumps(info), flush=True)
     start = time.perf_counter()
-    webp = make_shards(work, "webp", args.workers)
-    zstd = make_shards(work, "zstd", args.workers)
+    webp = make_shards(work, "webp", args.workers, args.distortions)
+    zstd = make_shards(work, "zstd", args.workers, args.distortions)
     print(json.dumps({"shards_written_s": round(time.perf_counter() - start, 1)}), flush=True)
     archs = ["tiny"] if cpu else ["resnet50", "botnet50"]
     guess = 20.0 if cpu else 10.0  # steps/s, only to size the runs

@@ -176,6 +176,19 @@ def _plan_line(config, shards, val_shards) -> str:
                    "a grad scaler].")
 @click.option("--ranking-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Weight of the pairwise quality ranking loss (0: off).")
+@click.option("--rank-pairs", default="group", show_default=True,
+              type=click.Choice(["group", "reference"]),
+              help="Ranking pairs: two levels of one (reference, type), ordered by level "
+                   "(RankIQA); or any two samples of one reference across types, ordered by "
+                   "--pseudo-mos (PINet-style).")
+@click.option("--pseudo-mos", default=None, metavar="METRIC",
+              help="Full-reference metric that orders --rank-pairs reference (recorded by "
+                   "biqa-gen --fr-metrics; psnr always is).")
+@click.option("--regress", default=None, metavar="METRICS",
+              help="Also regress these full-reference metrics as weak labels "
+                   "(DeepFL-IQA-style), e.g. ssim,ms_ssim.")
+@click.option("--regression-weight", default=1.0, show_default=True,
+              type=click.FloatRange(min=0), help="Weight of the regression loss.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt if it exists.")
 @click.option("--input-size", default="384x288", show_default=True, callback=_size(32),
               help="Training crop, WIDTHxHEIGHT.")
@@ -193,9 +206,9 @@ def _plan_line(config, shards, val_shards) -> str:
               help="Train on the complete shards of a biqa-gen run that did not finish.")
 @click.pass_context
 def train_dpm_main(ctx, shards, val_shards, out, smoke, arch, epochs, max_steps, batch_size, lr,
-                   workers, device, amp, amp_dtype, ranking_weight, resume, input_size,
-                   init_weights, compile_, log_every, save_every, val_every, kadid_root, seed,
-                   allow_incomplete):
+                   workers, device, amp, amp_dtype, ranking_weight, rank_pairs, pseudo_mos,
+                   regress, regression_weight, resume, input_size, init_weights, compile_,
+                   log_every, save_every, val_every, kadid_root, seed, allow_incomplete):
     """Pre-train the distortion perception model on biqa-gen shards (VIPNet's recipe by
     default: needs a GPU); run under torchrun for data parallelism.
 
@@ -215,7 +228,9 @@ def train_dpm_main(ctx, shards, val_shards, out, smoke, arch, epochs, max_steps,
     settings = dict(shards=shards, val_shards=val_shards, out=out, arch=arch, epochs=epochs,
                     max_steps=max_steps, batch_size=batch_size, lr=lr, workers=workers,
                     device=device, amp=amp, amp_dtype=amp_dtype, ranking_weight=ranking_weight,
-                    resume=resume, input_size=input_size, init_weights=init_weights,
+                    rank_pairs=rank_pairs, pseudo_mos=pseudo_mos,
+                    regress=tuple(p.strip() for p in regress.split(",")) if regress else (),
+                    regression_weight=regression_weight, resume=resume, input_size=input_size, init_weights=init_weights,
                     compile=compile_, log_every=log_every, save_every=save_every,
                     val_every=val_every, kadid_root=kadid_root, seed=seed,
                     allow_incomplete=allow_incomplete)

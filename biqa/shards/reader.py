@@ -16,6 +16,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -137,6 +138,7 @@ class ShardSet:
     class_table: list[dict]
     missing: list[str] = field(default_factory=list)
     missing_samples: int = 0
+    fr_metrics: tuple[str, ...] = ("psnr",)  # full-reference scores in the samples' JSON
 
     @property
     def num_classes(self) -> int:
@@ -223,11 +225,13 @@ def open_shards(spec: str, allow_incomplete: bool = False) -> ShardSet:
         raise ValueError(f"none of the {len(urls)} shards of {spec!r} can be found "
                          f"(e.g. {urls[0]}): nothing to train on")
     entries = [by_name[os.path.basename(u)] for u in present]
+    recorded = ("psnr", *((manifest.get("config") or {}).get("fr_metrics") or ()))
     return ShardSet(urls=present, counts=[int(e["samples"]) for e in entries],
                     sha256=[e.get("sha256") for e in entries],
                     class_table=class_table_from_manifest(manifest), missing=missing,
                     missing_samples=sum(int(by_name[os.path.basename(u)]["samples"])
-                                        for u in missing))
+                                        for u in missing),
+                    fr_metrics=tuple(dict.fromkeys(recorded)))
 
 
 # ----------------------------------------------------------------------------- shard index
@@ -253,7 +257,19 @@ class ShardIndex:
     groups: list[tuple[int, int]]  # [start, stop) sample ranges of one (ref, type)
     group_refs: list[str]  # the reference of each group
     unusable: int
+    scores: np.ndarray  # float32 (samples, metrics): the requested full-reference scores
     data: bytes | None = None  # kept for shards that cannot be re-read by offset
+
+    def reference_runs(self) -> list[tuple[int, int]]:
+        """[start, stop) ranges of one reference (all its types): the generator writes a
+        reference's groups next to each other."""
+        runs: list[tuple[int, int]] = []
+        for index, (start, stop) in enumerate(self.groups):
+            if runs and self.group_refs[index] == self.group_refs[index - 1]:
+                runs[-1] = (runs[-1][0], stop)
+            else:
+                runs.append((start, stop))
+        return runs
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -301,15 +317,25 @@ def _member_table(fileobj) -> tuple[list[str], dict[str, dict[str, tuple[int, in
     return order, members
 
 
+def sample_score(meta: dict, name: str) -> float:
+    """A sample's full-reference score ``name`` from its JSON: NaN where undefined or not
+    recorded; a PSNR of None means identical images, so +inf."""
+    value = (meta.get("fr") or {}).get(name, meta.get(name) if name == "psnr" else None)
+    if value is None:
+        return math.inf if name == "psnr" and "psnr" in meta else math.nan
+    return float(value)
+
+
 def index_shard(url: str, data: bytes | None, expected_sha256: str | None,
-                class_bases: dict[int, int]) -> ShardIndex:
+                class_bases: dict[int, int], score_names: tuple[str, ...] = ()) -> ShardIndex:
     """Check a shard against the manifest's sha256, then index its samples.
 
     ``data``: the whole shard, hashed and indexed in memory.  ``None`` for a local shard
     another worker has already checked: then only its headers and JSON members are read.
     A shard whose JSON classes disagree with ``class_bases`` (type -> class base of the run)
     was written by a run with another type order -- its labels would be wrong -- so the
-    whole shard is refused.  Remote shards keep ``data``; local ones are re-read by offset."""
+    whole shard is refused.  ``score_names``: full-reference scores to keep per sample
+    (``sample_score``).  Remote shards keep ``data``; local ones are re-read by offset."""
     if data is not None:
         if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
             raise ShardRefused("its sha256 differs from the manifest's (truncated, modified, "
@@ -327,7 +353,7 @@ def index_shard(url: str, data: bytes | None, expected_sha256: str | None,
         reader = OffsetReader(max_open=1)
         def read(offset: int, size: int) -> bytes:
             return reader.read(local_path(url), offset, size)
-    labels, levels, offsets, sizes, sample_group = [], [], [], [], []
+    labels, levels, offsets, sizes, sample_group, scores = [], [], [], [], [], []
     groups, group_refs = [], []
     unusable = 0
     current = None
@@ -360,6 +386,7 @@ def index_shard(url: str, data: bytes | None, expected_sha256: str | None,
             levels.append(level)
             offsets.append(image[0])
             sizes.append(image[1])
+            scores.append([sample_score(meta, name) for name in score_names])
     except OSError as exc:
         raise ShardRefused(f"cannot read it: {type(exc).__name__}: {exc}") from None
     finally:
@@ -371,7 +398,10 @@ def index_shard(url: str, data: bytes | None, expected_sha256: str | None,
                       sizes=np.asarray(sizes, dtype=np.int32),
                       sample_group=np.asarray(sample_group, dtype=np.int32),
                       groups=[tuple(g) for g in groups], group_refs=group_refs,
-                      unusable=unusable, data=None if is_local(url) else data)
+                      unusable=unusable,
+                      scores=np.asarray(scores, dtype=np.float32).reshape(len(labels),
+                                                                          len(score_names)),
+                      data=None if is_local(url) else data)
 
 
 class OffsetReader:

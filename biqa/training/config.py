@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 ARCHS = ("botnet50", "resnet50", "resnet18", "tiny")
 AMP_DTYPES = ("bf16", "fp16")
+RANK_PAIRS = ("group", "reference")
 
 
 def available_cores() -> int:
@@ -48,6 +49,10 @@ class TrainConfig:
     channels_last: bool | None = None  # None: on for CUDA
     ranking_weight: float = 0.0
     ranking_margin: float = 0.5
+    rank_pairs: str = "group"  # "group" (RankIQA) or "reference" (PINet-style, by pseudo-MOS)
+    pseudo_mos: str | None = None  # the full-reference metric that orders "reference" pairs
+    regress: tuple[str, ...] = ()  # full-reference metrics regressed as weak labels
+    regression_weight: float = 1.0
     resume: bool = False
     input_size: tuple[int, int] = (384, 288)  # (width, height)
     init_weights: str | None = None
@@ -83,6 +88,24 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.amp_dtype not in (None, *AMP_DTYPES):
             raise ValueError(f"amp_dtype must be one of {AMP_DTYPES}, got {self.amp_dtype!r}")
+        if self.rank_pairs not in RANK_PAIRS:
+            raise ValueError(f"rank_pairs must be one of {RANK_PAIRS}, got {self.rank_pairs!r}")
+        if self.rank_pairs == "reference" and (self.pseudo_mos is None
+                                               or self.ranking_weight <= 0):
+            raise ValueError("pairs across a reference's types (--rank-pairs reference) are "
+                             "ordered by a pseudo-MOS: give --pseudo-mos NAME and a "
+                             "--ranking-weight above 0")
+        if self.pseudo_mos is not None and self.rank_pairs != "reference":
+            raise ValueError("--pseudo-mos orders pairs across types: use it with "
+                             "--rank-pairs reference")
+        for names in ([self.pseudo_mos] if self.pseudo_mos else [], list(self.regress)):
+            if names:
+                from biqa.fr_metrics import parse_fr_metrics  # names a known metric?
+                if tuple(names) != parse_fr_metrics(",".join(names)):
+                    raise ValueError(f"metrics named twice or not as biqa names them: "
+                                     f"{', '.join(names)}")
+        if self.regression_weight < 0:
+            raise ValueError(f"regression_weight must be >= 0, got {self.regression_weight}")
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -94,6 +117,7 @@ class TrainConfig:
     def as_dict(self) -> dict:
         plain = dataclasses.asdict(self)
         plain["input_size"] = list(self.input_size)
+        plain["regress"] = list(self.regress)
         return plain
 
 

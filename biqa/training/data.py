@@ -40,6 +40,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from biqa.shards.reader import (LEVELS, OffsetReader, ShardIndex, ShardRefused, ShardSet,
                                 decode_image, index_shard, is_local, read_shard_bytes)
 
+from .config import RANK_PAIRS
+
 # VIPNet's pre-training normalisation, applied to full-range YCbCr / 255 (``dpm_input``).
 YCBCR_MEAN = (0.448, 0.483, 0.491)
 YCBCR_STD = (0.248, 0.114, 0.106)
@@ -210,8 +212,19 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: ShardSet, input_hw: tuple[int, int], batch_size: int,
                  train: bool, pairs: bool = False, seed: int = 0, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, pair_by: str = "group", rank_metric: str | None = None,
+                 regress: tuple[str, ...] = ()):
         super().__init__()
+        if pair_by not in RANK_PAIRS:  # RankIQA's levels of one group, or PINet-style
+            raise ValueError(f"pairs are formed by one of {RANK_PAIRS}, not {pair_by!r}")
+        if pair_by == "reference" and rank_metric is None:
+            raise ValueError("pairs across the types of a reference need a pseudo-MOS to "
+                             "order them (rank_metric)")
+        missing = [m for m in (rank_metric, *regress) if m and m not in shards.fr_metrics]
+        if missing:
+            raise ValueError(f"the shards hold no {', '.join(missing)} scores (they have "
+                             f"{', '.join(shards.fr_metrics)}): generate them with "
+                             f"biqa-gen --fr-metrics {','.join(missing)}")
         self.shards = shards
         self.input_hw = input_hw
         self.batch_size = batch_size
@@ -220,6 +233,12 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.world = world
+        self.pair_by = pair_by
+        self.rank_metric = rank_metric
+        self.regress = tuple(regress)
+        # the scores a worker keeps per sample: the ranking metric first, then the targets
+        self.score_names = tuple(dict.fromkeys(
+            ([rank_metric] if pair_by == "reference" else []) + list(regress)))
         # (epoch, restart token) in shared memory: persistent workers see set_epoch.
         self._epoch = torch.zeros(2, dtype=torch.int64).share_memory_()
         # Per shard, shared by the workers of this process: 0 unchecked, 1 checked, 2 refused
@@ -260,7 +279,7 @@ class ShardStream(IterableDataset):
                 data = None if is_local(url) and int(self._checked[shard]) == 1 \
                     else read_shard_bytes(url)
                 index = index_shard(url, data, self.shards.sha256[shard],
-                                    self.shards.class_bases())
+                                    self.shards.class_bases(), self.score_names)
                 self._checked[shard] = 1
             except ShardRefused as exc:
                 index = f"shard {os.path.basename(url)} refused: {exc}"
@@ -319,7 +338,9 @@ class ShardStream(IterableDataset):
         within a (reference, type) group."""
         if not self.pairs:
             return [(ix, (i,)) for ix in indexes for i in range(len(ix))]
-        return [(ix, (start + a, start + b)) for ix in indexes for start, stop in ix.groups
+        return [(ix, (start + a, start + b)) for ix in indexes
+                for start, stop in (ix.groups if self.pair_by == "group"
+                                    else ix.reference_runs())
                 for a, b in pairs_from_group(stop - start, rng)]
 
     def _windows(self, shard_ids: list[int], rng: np.random.Generator) -> Iterator[list[int]]:
@@ -381,6 +402,7 @@ class ShardStream(IterableDataset):
         pixels = images.numpy()
         labels = np.empty((size, per_unit), dtype=np.int64)
         levels = np.empty((size, per_unit), dtype=np.int64)
+        scores = np.empty((size, per_unit, len(self.score_names)), dtype=np.float32)
         refs = []
         filled = 0
         while filled < size:
@@ -399,15 +421,30 @@ class ShardStream(IterableDataset):
             crop_into(pixels[filled], decoded, rng)
             labels[filled] = index.labels[list(members)]
             levels[filled] = index.levels[list(members)]
+            scores[filled] = index.scores[list(members)]
             refs.append(index.ref(members[0]))
             filled += 1
         images, labels, levels = images[:filled], labels[:filled], levels[:filled]
+        better = self._rank_key(levels, scores[:filled])
+        targets = scores[:filled, :, len(self.score_names) - len(self.regress):]
         if not self.pairs:
-            images, labels, levels = images[:, 0], labels[:, 0], levels[:, 0]
+            images, labels, levels, better, targets = (
+                images[:, 0], labels[:, 0], levels[:, 0], better[:, 0], targets[:, 0])
         skipped, warnings = skips.take()
         return {"image": images, "label": torch.from_numpy(labels),
-                "level": torch.from_numpy(levels), "ref": refs, "worker": worker,
-                "skipped": skipped, "warnings": warnings}
+                "level": torch.from_numpy(levels), "better": torch.from_numpy(better),
+                "targets": torch.from_numpy(np.ascontiguousarray(targets)), "ref": refs,
+                "worker": worker, "skipped": skipped, "warnings": warnings}
+
+    def _rank_key(self, levels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Per image, a value that is larger for the better image of a pair: the negated
+        level within a group, or the pseudo-MOS (negated where lower is better) across a
+        reference's types; NaN where unknown."""
+        if self.pair_by == "group":
+            return -levels.astype(np.float32)
+        from biqa.fr_metrics import FR_METRICS
+        key = scores[..., 0]
+        return key if FR_METRICS[self.rank_metric].higher_is_better else -key
 
 
 class _Skips:
@@ -486,8 +523,8 @@ def full_shuffle_mixing(refs: list[str], batch: int, trials: int = 2000, seed: i
 
 def join_parts(parts: list[dict]) -> dict:
     return {"image": [p["image"] for p in parts],
-            "label": torch.cat([p["label"] for p in parts]),
-            "level": torch.cat([p["level"] for p in parts]),
+            **{key: torch.cat([p[key] for p in parts])
+               for key in ("label", "level", "better", "targets")},
             "ref": [r for p in parts for r in p["ref"]],
             "skipped": sum(int(p["skipped"]) for p in parts),
             "warnings": [w for p in parts for w in p["warnings"]]}

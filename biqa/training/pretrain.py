@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from scipy.stats import spearmanr
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
@@ -48,30 +50,58 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- model
 class PretrainNet(nn.Module):
-    """Backbone + optional quality head (linear on globally pooled last features), one module
-    so DDP sees both."""
+    """Backbone + optional heads on the globally pooled last features -- a quality score
+    (ranking) and full-reference metric predictions (weak labels) -- one module so DDP sees
+    all of them."""
 
-    def __init__(self, backbone: nn.Module, with_quality: bool):
+    def __init__(self, backbone: nn.Module, with_quality: bool, regress: int = 0):
         super().__init__()
         self.backbone = backbone
-        self.quality = nn.Linear(backbone.feature_channels[-1], 1) if with_quality else None
+        width = backbone.feature_channels[-1]
+        self.quality = nn.Linear(width, 1) if with_quality else None
+        self.regression = nn.Linear(width, regress) if regress else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         last = self.backbone.forward_features(x)[-1]
         logits = self.backbone.forward_head(last)
-        quality = None if self.quality is None else self.quality(last.mean((2, 3))).squeeze(1)
-        return logits, quality
+        pooled = last.mean((2, 3))
+        quality = None if self.quality is None else self.quality(pooled).squeeze(1)
+        metrics = None if self.regression is None else self.regression(pooled)
+        return logits, quality, metrics
 
 
-def pair_ranking_loss(quality: torch.Tensor, levels: torch.Tensor, margin: float) -> torch.Tensor:
-    """Margin ranking over pairs laid out as (2i, 2i+1): the lower level (milder distortion)
-    must score higher by ``margin``; pairs of equal level carry no order and are ignored.
-    The mean over the ordered pairs is taken without asking the device whether there are
-    any (a host sync every step)."""
-    q, lv = quality.float().view(-1, 2), levels.view(-1, 2)
-    target = torch.sign(lv[:, 1] - lv[:, 0]).to(q.dtype)
+def pair_ranking_loss(quality: torch.Tensor, better: torch.Tensor, margin: float) -> torch.Tensor:
+    """Margin ranking over pairs laid out as (2i, 2i+1): the image with the larger ``better``
+    (the milder level, or the higher pseudo-MOS) must score higher by ``margin``; ties and
+    unknown (NaN) orders are ignored.  The mean over the ordered pairs is taken without
+    asking the device whether there are any (a host sync every step)."""
+    q, key = quality.float().view(-1, 2), better.float().view(-1, 2)
+    target = torch.nan_to_num(torch.sign(key[:, 0] - key[:, 1]), nan=0.0)
     hinge = torch.relu(margin - target * (q[:, 0] - q[:, 1])) * target.abs()
     return hinge.sum() / target.abs().sum().clamp(min=1.0)
+
+
+# Full-reference scores as regression targets of about unit range: PSNR in units of 50 dB
+# (identical images, +inf, count as 60 dB), GMSD x 3 (it spans 0..0.35); SSIM, MS-SSIM
+# and VIF are already about 0..1.
+_TARGET_SCALE = {"psnr": 1 / 50, "gmsd": 3.0}
+_PSNR_CAP = 60.0
+
+
+def regression_targets(values: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+    """(n, metrics) scores -> the regression head's targets (NaN stays NaN: not learned)."""
+    scale = torch.tensor([_TARGET_SCALE.get(n, 1.0) for n in names], dtype=values.dtype)
+    cap = torch.tensor([_PSNR_CAP if n == "psnr" else math.inf for n in names],
+                       dtype=values.dtype)
+    return torch.minimum(values, cap) * scale
+
+
+def regression_loss(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Smooth L1 over the known targets (NaN marks an undefined score)."""
+    known = ~torch.isnan(targets)
+    error = F.smooth_l1_loss(predicted.float(), torch.nan_to_num(targets), reduction="none")
+    return (error * known).sum() / known.sum().clamp(min=1)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -207,17 +237,21 @@ class _Validator:
                  pairs: bool, group: _Dist, workers: int, pin: bool):
         self.num_classes, self.class_table = shards.num_classes, shards.class_table
         self.group = group
+        self.regress = tuple(config.regress)
         batch = config.batch_size
         self.loaders = {}
         if val_shards is not None:
             stream = ShardStream(val_shards, config.input_hw, batch, train=False,
-                                 seed=config.seed, rank=group.rank, world=group.world)
+                                 seed=config.seed, rank=group.rank, world=group.world,
+                                 regress=self.regress)
             self.loaders["val"] = make_loader(stream, workers, pin)
             self.val_total = val_shards.samples + val_shards.missing_samples
             if pairs:
                 pair_stream = ShardStream(val_shards, config.input_hw, max(batch // 2, 1),
                                           train=False, pairs=True, seed=config.seed,
-                                          rank=group.rank, world=group.world)
+                                          rank=group.rank, world=group.world,
+                                          pair_by=config.rank_pairs,
+                                          rank_metric=config.pseudo_mos)
                 self.loaders["pairs"] = make_loader(pair_stream, workers, pin)
         if config.kadid_root:
             kadid = KadidDataset(config.kadid_root, shards.class_table, config.input_hw)
@@ -227,24 +261,39 @@ class _Validator:
     def __bool__(self) -> bool:
         return bool(self.loaders)
 
-    def _confusion(self, net, loader, device, channels_last, dtype, warn) -> np.ndarray:
+    def _confusion(self, net, loader, device, channels_last, dtype, warn
+                   ) -> tuple[np.ndarray, dict]:
+        """The confusion matrix, and per regressed metric the SRCC of the predictions."""
         confusion = torch.zeros(self.num_classes ** 2, dtype=torch.int64)
-        skipped = 0
+        predicted, targets = [], []
         with torch.no_grad(), autocast(device, dtype):
             for batch in loader:
-                skipped += int(batch.get("skipped", 0))
                 for line in batch.get("warnings", []):
                     warn(line)
                 if len(batch["label"]) == 0:
                     continue
-                logits, _ = net(model_input(batch["image"], device, channels_last))
+                logits, _, metrics = net(model_input(batch["image"], device, channels_last))
                 pred = logits.argmax(1).cpu()
                 confusion += torch.bincount(batch["label"] * self.num_classes + pred,
                                             minlength=self.num_classes ** 2)
+                if metrics is not None:
+                    predicted.append(metrics.float().cpu())
+                    targets.append(batch["targets"])
         self.group.sum_(confusion)
-        return confusion.view(self.num_classes, -1).numpy()
+        srcc = {}
+        if self.regress:
+            gathered = self.group.gather((torch.cat(predicted) if predicted else None,
+                                          torch.cat(targets) if targets else None))
+            pred_all = torch.cat([p for p, _ in gathered if p is not None]).numpy()
+            true_all = torch.cat([t for _, t in gathered if t is not None]).numpy()
+            for i, name in enumerate(self.regress):
+                known = np.isfinite(true_all[:, i])
+                srcc[name] = float(spearmanr(pred_all[known, i], true_all[known, i])[0]) \
+                    if known.sum() > 2 else None
+        return confusion.view(self.num_classes, -1).numpy(), srcc
 
     def _ranking(self, net, loader, device, channels_last, dtype) -> float:
+        """Share of the held-out pairs with an order whose predicted order is right."""
         counts = torch.zeros(2, dtype=torch.int64)  # right, total
         with torch.no_grad(), autocast(device, dtype):
             for batch in loader:
@@ -252,8 +301,8 @@ class _Validator:
                     continue
                 q = net(model_input(batch["image"], device, channels_last))[1].float()
                 q = q.view(-1, 2).cpu()
-                lv = batch["level"].view(-1, 2)
-                order = torch.sign(lv[:, 1] - lv[:, 0])
+                key = batch["better"].view(-1, 2)
+                order = torch.nan_to_num(torch.sign(key[:, 0] - key[:, 1]), nan=0.0)
                 keep = order != 0
                 counts[0] += int((torch.sign(q[:, 0] - q[:, 1])[keep] == order[keep]).sum())
                 counts[1] += int(keep.sum())
@@ -266,17 +315,19 @@ class _Validator:
         self.group.sync_buffers(net)
         net.eval()
         if "val" in self.loaders:
-            confusion = self._confusion(net, self.loaders["val"], device, channels_last, dtype,
-                                        warn)
+            confusion, srcc = self._confusion(net, self.loaders["val"], device, channels_last,
+                                              dtype, warn)
             summary = accuracy_summary(confusion, self.class_table)
             result["val"] = {**summary, "skipped": self.val_total - summary["samples"]}
+            if srcc:
+                result["val"]["regression_srcc"] = srcc
             self._write(confusion, out / "confusion")
             if "pairs" in self.loaders:
                 result["val"]["pair_ranking_acc"] = self._ranking(
                     net, self.loaders["pairs"], device, channels_last, dtype)
         if "kadid10k" in self.loaders:
-            confusion = self._confusion(net, self.loaders["kadid10k"], device, channels_last,
-                                        dtype, warn)
+            confusion, _ = self._confusion(net, self.loaders["kadid10k"], device,
+                                           channels_last, dtype, warn)
             result["kadid10k"] = accuracy_summary(confusion, self.class_table)
             self._write(confusion, out / "confusion_kadid10k")
         net.train()
@@ -343,7 +394,8 @@ def evaluate_checkpoint(checkpoint: str | Path, val_shards: str, batch_size: int
                                input_size=tuple(config["input_size"]), seed=config["seed"])
     validator = _Validator(train_config, shards, shards, False, _Dist(False), workers, False)
     net = PretrainNet(model, False).to(dev)
-    return validator._confusion(net, validator.loaders["val"], dev, False, None, log.warning)
+    return validator._confusion(net, validator.loaders["val"], dev, False, None,
+                                log.warning)[0]
 
 
 # ----------------------------------------------------------------------------- training
@@ -417,7 +469,8 @@ def _train(config: TrainConfig, group: _Dist) -> dict:
     pairs = config.ranking_weight > 0
     train_set = ShardStream(shards, config.input_hw, config.batch_size // 2 if pairs
                             else config.batch_size, train=True, pairs=pairs, seed=config.seed,
-                            rank=rank, world=world)
+                            rank=rank, world=world, pair_by=config.rank_pairs,
+                            rank_metric=config.pseudo_mos, regress=tuple(config.regress))
     steps_per_epoch = train_set.steps_per_epoch()
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
@@ -427,7 +480,7 @@ def _train(config: TrainConfig, group: _Dist) -> dict:
     backbone = create_model(config.arch, shards.num_classes, input_size=tuple(config.input_size))
     if config.init_weights:
         load_torchvision_weights(backbone, config.init_weights)
-    net = PretrainNet(backbone, pairs).to(device)
+    net = PretrainNet(backbone, pairs, len(config.regress)).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
@@ -453,6 +506,8 @@ def _train(config: TrainConfig, group: _Dist) -> dict:
         backbone.load_state_dict(state["model"])
         if pairs and state.get("quality_head"):
             net.quality.load_state_dict(state["quality_head"])
+        if config.regress and state.get("regression_head"):
+            net.regression.load_state_dict(state["regression_head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
@@ -482,6 +537,7 @@ def _train(config: TrainConfig, group: _Dist) -> dict:
             return None
         return {"model": backbone.state_dict(),
                 "quality_head": net.quality.state_dict() if pairs else {},
+                "regression_head": net.regression.state_dict() if config.regress else {},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "rng": rngs,
                 "best_acc": best_acc, "config": plain_config}
@@ -547,15 +603,16 @@ def _train(config: TrainConfig, group: _Dist) -> dict:
             window.waited += time.perf_counter() - waited
             for line in batch["warnings"]:
                 warn(line)
-            loss, rank_loss, right, seen = _train_step(model, net, batch, optimizer, scaler,
-                                                       config, device, channels_last, dtype)
+            loss, rank_loss, reg_loss, right, seen = _train_step(
+                model, net, batch, optimizer, scaler, config, device, channels_last, dtype)
             step += 1
             scheduler.step(step / steps_per_epoch)
-            window.add(loss, rank_loss, right, seen, batch["skipped"])
+            window.add(loss, rank_loss, reg_loss, right, seen, batch["skipped"])
             if bar is not None:
                 bar.update(1)
             if step % config.log_every == 0 or step == total_steps:
-                record = window.record(group, step, epoch, scheduler.get_last_lr()[0], pairs)
+                record = window.record(group, step, epoch, scheduler.get_last_lr()[0], pairs,
+                                       bool(config.regress))
                 skipped_total += record["skipped"]
                 metrics.write(record)
                 last_record = record
@@ -578,58 +635,67 @@ def _train(config: TrainConfig, group: _Dist) -> dict:
 
 def _train_step(model: nn.Module, net: PretrainNet, batch: dict, optimizer, scaler,
                 config: TrainConfig, device: torch.device, channels_last: bool,
-                dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                    int]:
-    """One SGD step; returns (classification loss, ranking loss, correct, images), detached
-    and still on the device: nothing here waits for the device."""
-    pairs = net.quality is not None
-    labels, levels = batch["label"].flatten(), batch["level"].flatten()
+                dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+    """One SGD step; returns (classification loss, ranking loss, regression loss, correct,
+    images), detached and still on the device: nothing here waits for the device."""
+    labels = batch["label"].flatten()
     x = model_input(batch["image"], device, channels_last)
     labels = labels.to(device, non_blocking=True)
     with autocast(device, dtype):
-        logits, quality = model(x)
+        logits, quality, metrics = model(x)
     loss = F.cross_entropy(logits.float(), labels)
-    rank_loss = (pair_ranking_loss(quality, levels.to(device, non_blocking=True),
-                                   config.ranking_margin) if pairs
-                 else torch.zeros((), device=device))
+    zero = torch.zeros((), device=device)
+    rank_loss = (pair_ranking_loss(quality, batch["better"].to(device, non_blocking=True),
+                                   config.ranking_margin) if quality is not None else zero)
+    reg_loss = zero
+    if metrics is not None:
+        targets = regression_targets(batch["targets"].flatten(0, -2), tuple(config.regress))
+        reg_loss = regression_loss(metrics, targets.to(device, non_blocking=True))
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss + config.ranking_weight * rank_loss).backward()
+    total = loss + config.ranking_weight * rank_loss + config.regression_weight * reg_loss
+    scaler.scale(total).backward()
     scaler.unscale_(optimizer)
     if config.grad_clip > 0:
         nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
     scaler.step(optimizer)
     scaler.update()
     right = (logits.detach().argmax(1) == labels).sum()
-    return loss.detach(), rank_loss.detach(), right, labels.numel()
+    return loss.detach(), rank_loss.detach(), reg_loss.detach(), right, labels.numel()
 
 
 class _Window:
-    """Running sums since the last log line -- loss, ranking loss and correct predictions on
-    the device (no sync per step), counts on the host -- reduced over ranks when a line is
-    written: mean loss and accuracy of all ranks, images/s of all ranks together, and the
-    share of the time the ranks waited for their loaders (near 0: the loader keeps up)."""
+    """Running sums since the last log line -- losses and correct predictions on the device
+    (no sync per step), counts on the host -- reduced over ranks when a line is written:
+    mean losses and accuracy of all ranks, images/s of all ranks together, and the share of
+    the time the ranks waited for their loaders (near 0: the loader keeps up)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
         self.counts = [0, 0, 0]  # images, steps, skipped samples
         self.waited = 0.0  # seconds spent waiting for the loader
         self.t0 = time.perf_counter()
 
-    def add(self, loss, rank_loss, right, seen: int, skipped: int) -> None:
-        self.sums += torch.stack([loss.double(), rank_loss.double(), right.double()])
+    def add(self, loss, rank_loss, reg_loss, right, seen: int, skipped: int) -> None:
+        self.sums += torch.stack([loss.double(), rank_loss.double(), reg_loss.double(),
+                                  right.double()])
         self.counts = [self.counts[0] + seen, self.counts[1] + 1, self.counts[2] + skipped]
 
-    def record(self, group: _Dist, step: int, epoch: int, lr: float, pairs: bool) -> dict:
+    def record(self, group: _Dist, step: int, epoch: int, lr: float, pairs: bool,
+               regress: bool) -> dict:
         both = torch.cat([self.sums, torch.tensor([*self.counts, self.waited],
                                                   dtype=torch.float64, device=self.device)])
-        loss, rank_loss, right, seen, steps, skipped, waited = group.sum_(both).tolist()
+        (loss, rank_loss, reg_loss, right, seen, steps, skipped,
+         waited) = group.sum_(both).tolist()
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        record = {"kind": "step", "step": step, "epoch": epoch, "loss": loss / max(steps, 1),
+        steps = max(steps, 1)
+        record = {"kind": "step", "step": step, "epoch": epoch, "loss": loss / steps,
                   "acc": right / max(seen, 1), "lr": lr, "images_per_s": seen / elapsed,
                   "loader_wait": waited / (elapsed * group.world), "skipped": int(skipped)}
         if pairs:
-            record["rank_loss"] = rank_loss / max(steps, 1)
+            record["rank_loss"] = rank_loss / steps
+        if regress:
+            record["regression_loss"] = reg_loss / steps
         self.sums.zero_()
         self.counts = [0, 0, 0]
         self.waited = 0.0
