@@ -16,8 +16,9 @@ Conventions (docs/fr_metrics.md has the details, costs and validation):
   255 and each paper's own windows.
 
 >>> from biqa.fr_metrics import parse_fr_metrics, compute_fr_metrics
->>> compute_fr_metrics(ref, out, parse_fr_metrics("psnr,ssim,ms_ssim"))
-{'psnr': 27.1, 'ssim': 0.83, 'ms_ssim': 0.95}
+>>> out = distort(astronaut, "jpeg", 3, rng=1)
+>>> compute_fr_metrics(astronaut, out, parse_fr_metrics("psnr,ssim,ms_ssim"))
+{'psnr': 29.72..., 'ssim': 0.9206..., 'ms_ssim': 0.9876...}
 """
 
 from __future__ import annotations
@@ -270,9 +271,10 @@ def parse_fr_metrics(spec: str) -> tuple[str, ...]:
 
 
 def compute_fr_metrics(ref: np.ndarray, dist: np.ndarray,
-                       names: Iterable[str]) -> dict[str, float | None]:
-    """``{name: score}`` for the named metrics of one pair, sharing the luma and the
-    full-scale SSIM terms between them.  A score is ``None`` where the metric is
+                       names: str | Iterable[str]) -> dict[str, float | None]:
+    """``{name: score}`` for the named metrics of one pair (``names`` as from
+    ``parse_fr_metrics``, or a string for it), sharing the luma and the full-scale
+    SSIM terms between them.  A score is ``None`` where the metric is
     undefined (never inf or NaN), so the dict is valid JSON as it stands."""
     names = parse_fr_metrics(names) if isinstance(names, str) else tuple(names)
     unknown = [n for n in names if n not in FR_METRICS]

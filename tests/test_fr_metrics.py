@@ -266,6 +266,8 @@ def test_small_images_get_none_where_windows_do_not_fit(refs):
     assert all(v is not None for v in got.values())
     got = compute_fr_metrics(a[:175, :200], b[:175, :200], "all")
     assert got["ms_ssim"] is None and got["ssim"] is not None and got["vif"] is not None
+    assert fr_metrics.vif(a[:41, :60], b[:41, :60]) is not None  # 4 scales just fit
+    assert fr_metrics.vif(a[:40, :60], b[:40, :60]) is None
     got = compute_fr_metrics(a[:10, :40], b[:10, :40], "all")
     assert got["ssim"] is None and got["ms_ssim"] is None and got["vif"] is None
     assert got["psnr"] is not None and got["gmsd"] is not None
