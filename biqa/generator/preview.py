@@ -33,6 +33,19 @@ def _thumbnail(img: np.ndarray, width: int) -> Image.Image:
                                        Image.Resampling.LANCZOS)
 
 
+def _view(img: np.ndarray, crop: tuple[int, int, int, int] | None) -> np.ndarray:
+    """What a cell shows: the whole image, or the ``crop`` box (left, top, width, height),
+    which at ``thumb_width`` equal to its width shows pixels 1:1 (noise, blocking)."""
+    if crop is None:
+        return img
+    left, top, width, height = crop
+    if left < 0 or top < 0 or width < 1 or height < 1 or left + width > img.shape[1] \
+            or top + height > img.shape[0]:
+        raise ValueError(f"crop {crop} (left, top, width, height) is not inside the "
+                         f"{img.shape[1]}x{img.shape[0]} image")
+    return np.ascontiguousarray(img[top:top + height, left:left + width])
+
+
 def _cell(img: np.ndarray, ref_id: str, type_id: int, level: int, seed: int):
     """(distorted image or None, caption) for one grid cell."""
     spec = get(type_id)
@@ -46,9 +59,13 @@ def _cell(img: np.ndarray, ref_id: str, type_id: int, level: int, seed: int):
 
 
 def render_contact_sheet(img: np.ndarray, ref_id: str, type_ids, levels=(1, 2, 3, 4, 5),
-                         seed: int = 0, thumb_width: int = 192) -> tuple[Image.Image, list[str]]:
-    """The grid for an RGB uint8 reference; returns (sheet, list of cells that failed)."""
-    thumb_h = max(1, round(img.shape[0] * thumb_width / img.shape[1]))
+                         seed: int = 0, thumb_width: int = 192,
+                         crop: tuple[int, int, int, int] | None = None
+                         ) -> tuple[Image.Image, list[str]]:
+    """The grid for an RGB uint8 reference; returns (sheet, list of cells that failed).
+    Captions are about the whole image even when ``crop`` shows a part of it."""
+    shown = _view(img, crop)
+    thumb_h = max(1, round(shown.shape[0] * thumb_width / shown.shape[1]))
     row_h = thumb_h + CAPTION_HEIGHT
     sheet = Image.new("RGB", (LABEL_WIDTH + len(levels) * thumb_width,
                               HEADER_HEIGHT + (len(type_ids) + 1) * row_h), BACKGROUND)
@@ -58,7 +75,8 @@ def render_contact_sheet(img: np.ndarray, ref_id: str, type_ids, levels=(1, 2, 3
     for c, level in enumerate(levels):
         draw.text((LABEL_WIDTH + c * thumb_width + 4, 4), f"level {level}", fill=(0, 0, 0),
                   font=font)
-    rows = [(None, "reference")] + [(t, f"{t:2d} {get(t).name}") for t in type_ids]
+    shown_label = "reference" if crop is None else f"reference ({crop[2]}x{crop[3]} crop)"
+    rows = [(None, shown_label)] + [(t, f"{t:2d} {get(t).name}") for t in type_ids]
     failures = []
     for r, (type_id, label) in enumerate(rows):
         y = HEADER_HEIGHT + r * row_h
@@ -67,7 +85,7 @@ def render_contact_sheet(img: np.ndarray, ref_id: str, type_ids, levels=(1, 2, 3
             x = LABEL_WIDTH + c * thumb_width
             if type_id is None:
                 if c == 0:
-                    sheet.paste(_thumbnail(img, thumb_width), (x, y))
+                    sheet.paste(_thumbnail(shown, thumb_width), (x, y))
                 continue
             out, caption = _cell(img, ref_id, type_id, level, seed)
             if out is None:
@@ -75,18 +93,20 @@ def render_contact_sheet(img: np.ndarray, ref_id: str, type_ids, levels=(1, 2, 3
                 if caption.startswith("failed"):
                     failures.append(f"type {type_id} level {level}: {caption}")
             else:
-                sheet.paste(_thumbnail(out, thumb_width), (x, y))
+                sheet.paste(_thumbnail(_view(out, crop), thumb_width), (x, y))
             draw.text((x + 2, y + thumb_h), caption, fill=(0, 0, 0), font=font)
     return sheet, failures
 
 
 def write_contact_sheet(out_png: str, ref_path: str, ref_id: str, type_ids, levels=(1, 2, 3, 4, 5),
                         seed: int = 0, resize: tuple[int, int] | None = None,
-                        thumb_width: int = 192) -> list[str]:
+                        thumb_width: int = 192,
+                        crop: tuple[int, int, int, int] | None = None) -> list[str]:
     """Render the sheet for one reference file into ``out_png``; returns failed cells."""
     min_size = max(get(t).min_size for t in type_ids)
     img = load_reference(ref_path, resize, min_size)
-    sheet, failures = render_contact_sheet(img, ref_id, type_ids, levels, seed, thumb_width)
+    sheet, failures = render_contact_sheet(img, ref_id, type_ids, levels, seed, thumb_width,
+                                           crop)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     atomic_write_bytes(out_png, buf.getvalue())
