@@ -142,10 +142,11 @@ def _plan_line(config, shards, val_shards) -> str:
            else "; no --val-shards: no validation")
     missing = (f" ({shards.missing_samples} samples of missing shards skipped)"
                if shards.missing else "")
+    recipe = " (VIPNet's published recipe)" if config.protocol == "paper" else ""
     return (f"biqa-train-dpm: {shards.samples} samples in {len(shards.urls)} shards{missing}, "
             f"{len(shards.class_table)} types ({shards.num_classes} classes){val}; {config.arch} "
             f"at {w}x{h}, batch {per_step}{f' x {world} ranks' if world > 1 else ''}, "
-            f"{steps_per_epoch} steps per epoch, {steps} steps; loading torch ...")
+            f"{steps_per_epoch} steps per epoch, {steps} steps{recipe}; loading torch ...")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -204,11 +205,16 @@ def _plan_line(config, shards, val_shards) -> str:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--allow-incomplete", is_flag=True,
               help="Train on the complete shards of a biqa-gen run that did not finish.")
+@click.option("--protocol", default="biqa", show_default=True,
+              type=click.Choice(["biqa", "paper"]),
+              help="paper: VIPNet's published recipe -- 40 epochs, 320 images per step over all "
+                   "GPUs, the cosine warm restarts advanced once per epoch (docs/training.md).")
 @click.pass_context
 def train_dpm_main(ctx, shards, val_shards, out, smoke, arch, epochs, max_steps, batch_size, lr,
                    workers, device, amp, amp_dtype, ranking_weight, rank_pairs, pseudo_mos,
                    regress, regression_weight, resume, input_size, init_weights, compile_,
-                   log_every, save_every, val_every, kadid_root, seed, allow_incomplete):
+                   log_every, save_every, val_every, kadid_root, seed, allow_incomplete,
+                   protocol):
     """Pre-train the distortion perception model on biqa-gen shards (VIPNet's recipe by
     default: needs a GPU); run under torchrun for data parallelism.
 
@@ -220,7 +226,7 @@ def train_dpm_main(ctx, shards, val_shards, out, smoke, arch, epochs, max_steps,
     import logging
 
     from biqa.shards.reader import open_shards
-    from biqa.training.config import SMOKE, TrainConfig
+    from biqa.training.config import PAPER, SMOKE, TrainConfig
 
     def given(name: str) -> bool:
         return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
@@ -233,11 +239,16 @@ def train_dpm_main(ctx, shards, val_shards, out, smoke, arch, epochs, max_steps,
                     regression_weight=regression_weight, resume=resume, input_size=input_size, init_weights=init_weights,
                     compile=compile_, log_every=log_every, save_every=save_every,
                     val_every=val_every, kadid_root=kadid_root, seed=seed,
-                    allow_incomplete=allow_incomplete)
+                    allow_incomplete=allow_incomplete, protocol=protocol)
     if smoke:
         settings.update({k: v for k, v in SMOKE.items() if not given(k)})
     config = TrainConfig(**settings)
+    fixed = [k for k in (*PAPER, "batch_size") if k in settings and given(k)]
+    if protocol == "paper" and fixed:
+        raise click.UsageError(f"--protocol paper fixes {', '.join(fixed)} (the published "
+                               "recipe); leave them out, or use --protocol biqa")
     try:
+        config = config.for_world(int(os.environ.get("WORLD_SIZE", "1")))
         config.validate()
         train_shards = open_shards(config.shards, config.allow_incomplete)
         held_out = (open_shards(config.val_shards, config.allow_incomplete)

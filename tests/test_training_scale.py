@@ -5,6 +5,7 @@ metrics de-duplication, the CPU precision paths, and the CLI's first seconds."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -324,3 +325,29 @@ def test_smoke_recipe_finishes(shards, tmp_path, reporting_launcher):
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["step"] == 150 and state["config"]["arch"] == "tiny"
     assert state["best_acc"] > 1 / 20  # above chance on references it never saw
+
+
+# ------------------------------------------------------------------------------ protocol
+def test_paper_protocol_changes_exactly_the_published_settings(many_refs, tmp_path):
+    ours = TrainConfig(shards=str(many_refs))
+    paper = TrainConfig(shards=str(many_refs), protocol="paper")
+    changed = {k for k, v in paper.for_world(2).as_dict().items() if ours.as_dict()[k] != v}
+    assert changed == {"protocol", "batch_size", "schedule_every"}  # the rest agrees already
+    assert paper.for_world(2).batch_size == 160 and paper.for_world(3).batch_size == 106
+    out = tmp_path / "paper"
+    train(TrainConfig(shards=str(many_refs), out=str(out), protocol="paper", arch="tiny",
+                      input_size=(32, 32), max_steps=5, workers=0, device="cpu"))
+    state = torch.load(out / "last.pt", weights_only=True)
+    saved = state["config"]
+    assert (saved["protocol"], saved["batch_size"], saved["schedule_every"], saved["epochs"],
+            saved["lr"]) == ("paper", 320, "epoch", 40, 0.05)
+    # 1200 samples / 320 = 3 steps per epoch; after step 5 the schedule is at epoch 1 exactly
+    expected = 1e-4 + (0.05 - 1e-4) * (1 + math.cos(math.pi * 1 / 8)) / 2
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected)
+
+
+def test_paper_protocol_refuses_flags_it_fixes(many_refs, reporting_launcher):
+    done = subprocess.run([sys.executable, str(reporting_launcher), "--shards", str(many_refs),
+                           "--protocol", "paper", "--batch-size", "64", "--arch", "tiny"],
+                          env=_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--protocol paper fixes batch_size" in done.stderr

@@ -63,6 +63,8 @@ class TrainConfig:
     kadid_root: str | None = None
     seed: int = 0
     allow_incomplete: bool = False
+    schedule_every: str = "step"  # the cosine schedule advances every "step" or "epoch"
+    protocol: str = "biqa"  # "paper": VIPNet's published recipe, see for_world()
 
     def validate(self) -> None:
         """Reject bad values before any work starts (no torch needed)."""
@@ -104,12 +106,26 @@ class TrainConfig:
                 if tuple(names) != parse_fr_metrics(",".join(names)):
                     raise ValueError(f"metrics named twice or not as biqa names them: "
                                      f"{', '.join(names)}")
+        if self.schedule_every not in ("step", "epoch"):
+            raise ValueError(f"schedule_every must be step or epoch, got {self.schedule_every!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.regression_weight < 0:
             raise ValueError(f"regression_weight must be >= 0, got {self.regression_weight}")
 
     @property
     def input_hw(self) -> tuple[int, int]:
         return self.input_size[1], self.input_size[0]
+
+    def for_world(self, world: int) -> "TrainConfig":
+        """The configuration a run of ``world`` ranks uses: itself, or under
+        ``protocol="paper"`` VIPNet's published recipe (``PAPER``) on top of it."""
+        if self.protocol == "biqa":
+            return self
+        if world > PAPER_GLOBAL_BATCH:
+            raise ValueError(f"the paper's global batch of {PAPER_GLOBAL_BATCH} cannot be "
+                             f"split over {world} ranks")
+        return dataclasses.replace(self, **PAPER, batch_size=PAPER_GLOBAL_BATCH // world)
 
     def resolved_workers(self) -> int:
         return default_workers() if self.workers is None else self.workers
@@ -120,6 +136,15 @@ class TrainConfig:
         plain["regress"] = list(self.regress)
         return plain
 
+
+PROTOCOLS = ("biqa", "paper")
+# VIPNet's pre-training as published (pretraining/multi_gpu_train.py and train_dpm.sh): 40
+# epochs, SGD lr 0.05 (momentum 0.9, weight decay 1e-4), clipping at 2, cosine warm restarts
+# T_0 = 8, T_mult = 2, eta_min = 1e-4 advanced once per epoch, and 320 images per step over
+# all GPUs (each of N ranks takes 320 // N, as its DistributedDataParallel set-up did).
+PAPER_GLOBAL_BATCH = 320
+PAPER = {"epochs": 40, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "grad_clip": 2.0,
+         "restart_epochs": 8, "min_lr": 1e-4, "schedule_every": "epoch"}
 
 # ``--smoke``: a run that shows the whole pipeline working on a CPU in about a minute.
 # 150 steps whatever the shard count; validation (if any) after the last step only.

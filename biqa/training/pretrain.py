@@ -441,6 +441,8 @@ def train(config: TrainConfig) -> dict:
 
 
 def _train(config: TrainConfig, group: _Dist) -> dict:
+    config = config.for_world(group.world)
+    config.validate()
     device = resolve_device(config.device, group.local_rank)
     use_cuda = device.type == "cuda"
     if use_cuda:
@@ -606,7 +608,8 @@ def _train(config: TrainConfig, group: _Dist) -> dict:
             loss, rank_loss, reg_loss, right, seen = _train_step(
                 model, net, batch, optimizer, scaler, config, device, channels_last, dtype)
             step += 1
-            scheduler.step(step / steps_per_epoch)
+            scheduler.step(step / steps_per_epoch if config.schedule_every == "step"
+                           else step // steps_per_epoch)
             window.add(loss, rank_loss, reg_loss, right, seen, batch["skipped"])
             if bar is not None:
                 bar.update(1)
