@@ -153,9 +153,14 @@ def test_a_wrong_state_dict_is_refused_by_name(state, change, message):
     assert message in str(error.value) and "dpm.pth" in str(error.value)
 
 
+@pytest.mark.parametrize("size", [(300, 192), (400, 288)])  # the original fails on both
+def test_sizes_the_original_cannot_run_are_refused(size):
+    with pytest.raises(ValueError, match=f"input size {size[0]}x{size[1]} must be a multiple "
+                                         "of 32"):
+        BoTNetVIPNet(150, input_size=size)
+
+
 def test_other_input_sizes_are_refused_clearly():
-    with pytest.raises(ValueError, match="must be a multiple of 16"):
-        BoTNetVIPNet(150, input_size=(300, 200))
     model = BoTNetVIPNet(10, input_size=(64, 64)).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)

@@ -16,10 +16,12 @@ It differs from biqa's ``botnet50`` (``models.py``) in ways no weight conversion
 
 Input size.  The embeddings are sized for one feature map: the original computes it as
 ``int(H/16) x int(W/16)`` (and half that after the first block), while the network produces
-``ceil(H/16)``, so the original runs only when both sides are multiples of 16, and only at
-the size it was built for (any other size fails inside the attention).  Here the same holds,
-with clear errors: the constructor refuses a size that is not a multiple of 16, and
-``forward`` refuses a feature map the embeddings were not built for.  The published DPM was
+``ceil(H/16)``, and the first attention block halves its map with a 2x2 average pool (odd
+sizes round down) but its shortcut with a strided convolution (odd sizes round up); so the
+original runs only when both sides are multiples of 32, and only at the size it was built
+for (anything else fails inside the network).  Here the same holds, with clear errors: the
+constructor refuses a size that is not a multiple of 32, and ``forward`` refuses a feature
+map the embeddings were not built for.  The published DPM was
 trained at 384x288 (W x H; ``resolution=(384*0.75, 512*0.75)`` as (H, W)), so fine-tuning
 patches must be 384x288 too -- as in VIPNet, whose DPM also only ever sees 288x384 patches.
 """
@@ -116,11 +118,11 @@ class BoTNetVIPNet(nn.Module):
                  heads: int = VIPNET_HEADS):
         super().__init__()
         width, height = input_size
-        if width % MAP_STRIDE or height % MAP_STRIDE or min(width, height) < 2 * MAP_STRIDE:
+        if width % (2 * MAP_STRIDE) or height % (2 * MAP_STRIDE) or min(width, height) <= 0:
             raise ValueError(
-                f"{ARCH}: input size {width}x{height} must be a multiple of {MAP_STRIDE} "
-                f"on both sides (at least 32): the original sizes its position embeddings as "
-                f"int(side/16) while its feature map is ceil(side/16)")
+                f"{ARCH}: input size {width}x{height} must be a multiple of 32 on both sides, "
+                "as in the original (position embeddings sized int(side/16) for a "
+                "ceil(side/16) feature map; a 2x2 pool beside a strided shortcut)")
         self.num_classes = num_classes
         self.input_size = (width, height)
         self.feature_channels = [256, 512, 1024, 2048]
