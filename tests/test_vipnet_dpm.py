@@ -72,7 +72,8 @@ def original_input() -> torch.Tensor:
 
 def as_saved_by_multi_gpu_train(state: dict) -> dict:
     """What the authors' multi_gpu_train.py writes (their published file): DDP's prefix."""
-    return {"epoch": 40, "arch": "botnet", "state_dict": {f"module.{k}": v for k, v in state.items()},
+    return {"epoch": 40, "arch": "botnet",
+            "state_dict": {f"module.{k}": v for k, v in state.items()},
             "best_acc": torch.tensor(91.5), "optimizer": {"state": {}, "param_groups": []}}
 
 

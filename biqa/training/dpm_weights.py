@@ -39,6 +39,11 @@ def class_table(distortions: str = "vipnet") -> list[dict]:
             for i, spec in enumerate(resolve_distortions(distortions))]
 
 
+def _is_biqa_checkpoint(obj) -> bool:
+    return (isinstance(obj, dict) and isinstance(obj.get("config"), dict)
+            and isinstance(obj.get("model"), dict))
+
+
 def read_vipnet_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict without ``module.`` prefixes, {epoch, best_acc, arch} where the file has
     them) of a file written by the VIPNet authors' pre-training code."""
@@ -46,7 +51,7 @@ def read_vipnet_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], d
     obj = read_torch_file(path, what)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: not {what}, it holds a {type(obj).__name__}")
-    if isinstance(obj.get("config"), dict) and "model" in obj:
+    if _is_biqa_checkpoint(obj):
         raise ValueError(f"{path} is already a biqa checkpoint ({obj['config'].get('arch')}); "
                          "use it as it is")
     wrapper = next((key for key in VIPNET_WRAPPERS if isinstance(obj.get(key), dict)), None)
@@ -128,10 +133,6 @@ def convert_vipnet_checkpoint(src: str | Path, dst: str | Path,
               "converted_from": {"file": Path(src).name, **meta}}
     write_torch_file(dst, {"model": model.state_dict(), "config": config})
     return config
-
-
-def _is_biqa_checkpoint(obj) -> bool:
-    return isinstance(obj, dict) and isinstance(obj.get("config"), dict) and "model" in obj
 
 
 def load_init_weights(model: nn.Module, path: str | Path, arch: str,
