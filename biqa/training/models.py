@@ -23,6 +23,8 @@ from torch import nn
 
 from biqa.shards.writer import atomic_write
 
+from .botnet_vipnet import ARCH as VIPNET_ARCH, BoTNetVIPNet
+
 log = logging.getLogger(__name__)
 
 DEFAULT_INPUT_SIZE = (384, 288)  # (width, height), VIPNet's 0.75 x 512x384
@@ -286,6 +288,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet18": lambda num_classes, **kw: ResNet(BasicBlock, [2, 2, 2, 2], num_classes),
     "resnet50": lambda num_classes, **kw: ResNet(Bottleneck, [3, 4, 6, 3], num_classes),
     "botnet50": _botnet50,
+    VIPNET_ARCH: BoTNetVIPNet,  # the VIPNet authors' BoTNet, for their released DPM
 }
 
 ARCHS = tuple(_REGISTRY)
