@@ -10,6 +10,8 @@ import os
 
 import click
 
+from biqa.training.config import ARCHS as TRAIN_ARCHS
+
 
 def _size(min_side: int):
     """A click callback turning 'WxH' into (W, H); every size flag is width x height."""
@@ -158,8 +160,9 @@ def _plan_line(config, shards, val_shards) -> str:
               help="A short CPU run that shows the whole pipeline working (tiny model at "
                    "128x96, batch 32, 150 steps: about a minute on two cores). Flags given "
                    "explicitly still win.")
-@click.option("--arch", default="botnet50", show_default=True,
-              type=click.Choice(["botnet50", "resnet50", "resnet18", "tiny"]))
+@click.option("--arch", default="botnet50", show_default=True, type=click.Choice(TRAIN_ARCHS),
+              help="botnet50-vipnet: the VIPNet authors' exact BoTNet (their weights load into "
+                   "it, see biqa-convert-dpm).")
 @click.option("--epochs", default=40, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-steps", default=None, type=click.IntRange(min=1), help="Stop after N steps.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
@@ -194,7 +197,8 @@ def _plan_line(config, shards, val_shards) -> str:
 @click.option("--input-size", default="384x288", show_default=True, callback=_size(32),
               help="Training crop, WIDTHxHEIGHT.")
 @click.option("--init-weights", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="torchvision-format ImageNet state dict (resnet*/botnet50).")
+              help="torchvision-format ImageNet state dict (resnet*/botnet50), or a biqa DPM "
+                   "checkpoint of the same --arch (e.g. from biqa-convert-dpm).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--log-every", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--save-every", default=1000, show_default=True, type=click.IntRange(min=1))
@@ -314,7 +318,7 @@ def _cross_datasets(ctx, param, values) -> dict:
               help="biqa-train-dpm checkpoint for the frozen distortion branch; without it the "
                    "branch (--dpm-arch) is trained from scratch and the results say so.")
 @click.option("--dpm-arch", default="botnet50", show_default=True,
-              type=click.Choice(["botnet50", "resnet50", "resnet18", "tiny"]),
+              type=click.Choice(TRAIN_ARCHS),
               help="Distortion branch trained from scratch when no --dpm is given.")
 @click.option("--cpm-arch", default="resnet50", show_default=True,
               type=click.Choice(["resnet50", "resnet18", "tiny"]), help="Content branch.")

@@ -122,3 +122,9 @@ def test_wrong_weights_are_refused(tmp_path):
     path, _ = _torchvision_file(tmp_path, "resnet18")
     with pytest.raises(ValueError, match="required parameters missing or mis-shaped"):
         load_torchvision_weights(create_model("resnet50", 10), path)
+
+
+def test_the_torch_free_architecture_list_is_the_registry():
+    from biqa.training.config import ARCHS as FLAG_ARCHS
+    from biqa.training.models import ARCHS
+    assert sorted(FLAG_ARCHS) == sorted(ARCHS)

@@ -351,3 +351,17 @@ def test_paper_protocol_refuses_flags_it_fixes(many_refs, reporting_launcher):
                            "--protocol", "paper", "--batch-size", "64", "--arch", "tiny"],
                           env=_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--protocol paper fixes batch_size" in done.stderr
+
+
+def test_init_weights_from_a_biqa_dpm_checkpoint(shards, tmp_path):
+    common = dict(shards=str(shards["val"]), arch="tiny", batch_size=8, workers=0,
+                  input_size=(32, 32), max_steps=2)
+    train(TrainConfig(out=str(tmp_path / "first"), **common))
+    source = torch.load(tmp_path / "first" / "last.pt", weights_only=True)["model"]
+    train(TrainConfig(out=str(tmp_path / "second"), init_weights=str(tmp_path / "first" /
+                                                                     "last.pt"),
+                      lr=1e-12, **{**common, "max_steps": 1}))
+    started = torch.load(tmp_path / "second" / "last.pt", weights_only=True)["model"]
+    for key, value in source.items():
+        if value.is_floating_point() and "running" not in key:
+            assert torch.allclose(started[key], value, atol=1e-6), key

@@ -7,7 +7,9 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-ARCHS = ("botnet50", "resnet50", "resnet18", "tiny")
+# The backbones of biqa.training.models (named here too, so flags are checked without torch;
+# a test keeps the two lists equal).
+ARCHS = ("botnet50", "botnet50-vipnet", "resnet50", "resnet18", "tiny")
 AMP_DTYPES = ("bf16", "fp16")
 RANK_PAIRS = ("group", "reference")
 

@@ -39,8 +39,8 @@ from .config import TrainConfig
 from .data import (LEVELS, NORMALISATION, KadidDataset, NoReadableShards, ShardStream,
                    dpm_input, make_loader, training_batches)
 from .device import amp_dtype, autocast, needs_scaler, resolve_device
-from .models import (create_model, load_torchvision_weights, read_torch_file,
-                     write_torch_file)
+from .dpm_weights import load_init_weights
+from .models import create_model, read_torch_file, write_torch_file
 
 __all__ = ["TrainConfig", "train", "load_dpm", "save_checkpoint", "evaluate_checkpoint",
            "model_input"]
@@ -481,7 +481,7 @@ def _train(config: TrainConfig, group: _Dist) -> dict:
     torch.manual_seed(config.seed * 1000 + rank)
     backbone = create_model(config.arch, shards.num_classes, input_size=tuple(config.input_size))
     if config.init_weights:
-        load_torchvision_weights(backbone, config.init_weights)
+        load_init_weights(backbone, config.init_weights, config.arch, shards.class_table)
     net = PretrainNet(backbone, pairs, len(config.regress)).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
