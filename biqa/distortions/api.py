@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+import cv2
 import numpy as np
 
+from ._matlab import im2uint8
 from .registry import get
 from .spec import DistortionSpec
 
@@ -60,42 +64,199 @@ def check_level(level) -> int:
 def apply_spec(spec: DistortionSpec, image: np.ndarray, level: int,
                rng: np.random.Generator) -> np.ndarray:
     """Run one type on a validated uint8 RGB image (no checks: the caller made them)."""
+    return _run(spec, image, level, rng)[0]
+
+
+def apply_spec_with_draws(spec: DistortionSpec, image: np.ndarray, level: int,
+                          rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """``apply_spec`` plus a JSON-able record of the values drawn (or chosen) for
+    this output: what explains it; the seed replays it."""
+    out, draws = _run(spec, image, level, rng)
+    summarize = spec.summarize or record_draws
+    return out, summarize(draws) if draws else {}
+
+
+def _run(spec: DistortionSpec, image: np.ndarray, level: int, rng) -> tuple[np.ndarray, dict]:
     param = spec.params[level - 1]
+    draws = spec.sample(image, param, rng) if spec.sample is not None else {}
+
+    def pixel_fn(x):
+        return spec.fn(x, param, **draws) if spec.sample is not None else spec.fn(x, param, rng)
+
     if not spec.kadid_stretch:
-        return spec.fn(image, param, rng)
-    return run_stretched(lambda x: spec.fn(x, param, rng), image, spec.input_dtype)
+        return pixel_fn(image), draws
+    return run_stretched(pixel_fn, image, spec.input_dtype, spec.pixels), draws
 
 
-def run_stretched(pixel_fn, image: np.ndarray, dtype="float32") -> np.ndarray:
+def input_table(image: np.ndarray) -> np.ndarray:
+    """The stretched value of each uint8 level: (v - min)/(max - min) in double,
+    from the integer values as MATLAB's ``mapmm(double(I))`` has it (a constant
+    image is left as it is)."""
+    lo, hi = int(image.min()), int(image.max())
+    levels = np.arange(256, dtype=np.float64)
+    return (levels - lo) / (hi - lo) if hi > lo else levels
+
+
+def run_stretched(pixel_fn, image: np.ndarray, dtype="float32", pixels="float") -> np.ndarray:
     """The KADID entry point around a pixel function: min-max stretch the uint8 input
     (from its integer values), apply, stretch the output again, ``im2uint8``.
 
-    Both stretches are done in double precision, as MATLAB does, so ties at .5
-    round the same way; the input one is a 256-entry lookup table.
+    Both stretches are the double-precision arithmetic of MATLAB, so ties at .5
+    round the same way; where the pixel function allows (``pixels``, see
+    ``DistortionSpec``) they are done as 256-entry lookup tables, which give the
+    same bytes at a fraction of the cost.
     """
-    lo, hi = int(image.min()), int(image.max())
-    levels = np.arange(256, dtype=np.float64)
-    lut = (levels - lo) / (hi - lo) if hi > lo else levels
-    x = lut.astype(dtype)[image]
-    return stretch_to_uint8(np.asarray(pixel_fn(x)))
+    table = input_table(image)
+    if pixels == "levels":
+        return _levels_to_uint8(*_with_paints(pixel_fn(image)), table.astype(dtype))
+    if pixels == "pointwise":
+        values = np.asarray(pixel_fn(table.astype(dtype)))
+        return _levels_to_uint8(image, [], values)
+    if pixels == "uint8":
+        to8 = im2uint8(table)
+        coded = pixel_fn(image if _is_identity(to8) else cv2.LUT(image, to8))
+        return _levels_to_uint8(coded, [], np.arange(256) / 255.0)
+    if pixels != "float":
+        raise ValueError(f"unknown pixel domain {pixels!r}")
+    x = cv2.LUT(image, table.astype(dtype))
+    y, paints = _with_paints(pixel_fn(x))
+    y = np.asarray(y)
+    for index, value in paints:
+        y[index] = value
+    return stretch_to_uint8(y)
 
 
-def stretch_to_uint8(y: np.ndarray) -> np.ndarray:
-    """``im2uint8(mapmm(y))`` in one pass of double arithmetic; NaN becomes 0."""
-    y = y.astype(np.float64)
-    nan = np.isnan(y)
-    has_nan = bool(nan.any())
-    lo = float(np.nanmin(y) if has_nan else y.min())
-    hi = float(np.nanmax(y) if has_nan else y.max())
+def _with_paints(result) -> tuple[np.ndarray, list]:
+    return result if isinstance(result, tuple) else (result, [])
+
+
+def _is_identity(lut: np.ndarray) -> bool:
+    return bool(np.array_equal(lut, np.arange(256)))
+
+
+def _stretch_values(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """The output stretch and ``im2uint8`` of some values, given the output's range:
+    the exact arithmetic of ``stretch_to_uint8``."""
+    y = np.array(values, dtype=np.float64)
     if hi > lo:
         y -= lo
         y /= hi - lo
     y *= 255.0
     y += 0.5
     np.clip(y, 0.0, 255.0, out=y)
-    if has_nan:
-        y[nan] = 0.0
-    return y.astype(np.uint8)  # truncation of a non-negative value is floor
+    return y.astype(np.uint8)
+
+
+def _levels_to_uint8(levels: np.ndarray, paints: list, table: np.ndarray) -> np.ndarray:
+    """``stretch_to_uint8`` of the image whose element values are ``table[levels]``
+    with ``paints`` written over it, computed as a lookup table.
+
+    The output range is the range over the levels left unpainted and the painted
+    values; the table is non-decreasing for the stretched input, not necessarily
+    for a pointwise function's values, whose present levels are then counted.
+    """
+    lmin, lmax = _unpainted_range(levels, paints)
+    paint_values = [np.asarray(v, dtype=table.dtype) for _, v in paints]
+    candidates = [v.ravel() for v in paint_values]
+    if lmin <= lmax:  # some element is unpainted
+        span = table[lmin:lmax + 1]
+        if np.all(span[1:] >= span[:-1]):
+            candidates.append(table[[lmin, lmax]])
+        else:
+            present = cv2.calcHist([levels.reshape(levels.shape[0], -1)], [0], None, [256],
+                                   [0, 256]).ravel() > 0
+            candidates.append(table[present])
+    allv = np.concatenate(candidates)
+    lo, hi = float(allv.min()), float(allv.max())
+    lut = _stretch_values(table, lo, hi)
+    out = levels.copy() if _is_identity(lut) else cv2.LUT(levels, lut)
+    for (index, _), value in zip(paints, paint_values):
+        out[index] = _stretch_values(value, lo, hi)
+    return out
+
+
+def _unpainted_range(levels: np.ndarray, paints: list) -> tuple[int, int]:
+    """(min, max) level over the elements no paint covers; min > max if none is left."""
+    if not paints:
+        return int(levels.min()), int(levels.max())
+    high, low = levels.copy(), levels.copy()
+    for index, _ in paints:
+        high[index] = 255
+        low[index] = 0
+    return int(high.min()), int(low.max())
+
+
+def stretch_to_uint8(y: np.ndarray) -> np.ndarray:
+    """``im2uint8(mapmm(y))`` in double arithmetic, as MATLAB; NaN becomes 0.
+
+    Where the output already spans [0, 1] (the clipping types) the stretch is the
+    identity and is skipped, bit for bit: y - 0 and y / 1 are exact.
+    """
+    lo, hi = float(y.min()), float(y.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return _stretch_nonfinite(y)
+    if (lo, hi) == (0.0, 1.0):
+        t = np.multiply(y, 255.0, dtype=np.float64)
+    elif hi > lo:
+        t = y.astype(np.float64)
+        t -= lo
+        t /= hi - lo
+        t *= 255.0
+    else:  # nothing to stretch: saturate as im2uint8 does
+        t = np.clip(y, 0.0, 1.0).astype(np.float64)
+        t *= 255.0
+    t += 0.5
+    return t.astype(np.uint8)  # truncation of a value in [0.5, 255.5] is floor
+
+
+def _stretch_nonfinite(y: np.ndarray) -> np.ndarray:
+    """``stretch_to_uint8`` where NaN (or inf) occurs: range over the rest, NaN -> 0."""
+    y = y.astype(np.float64)
+    nan = np.isnan(y)
+    lo, hi = float(np.nanmin(y)), float(np.nanmax(y))
+    if hi > lo:
+        y -= lo
+        y /= hi - lo
+    y *= 255.0
+    y += 0.5
+    np.clip(y, 0.0, 255.0, out=y)
+    y[nan] = 0.0
+    return y.astype(np.uint8)
+
+
+def record_draws(draws: dict) -> dict:
+    """A JSON-able record of a type's draws: scalars and small arrays in full (float32
+    values to 9 significant digits, which give back the same float32), large
+    arrays -- per-pixel noise, replayable from the seed -- as shape, mean, sd,
+    min and max."""
+    return {key: _jsonable(value) for key, value in draws.items()}
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        if value.size > _FULL_ARRAY:
+            v = value.astype(np.float64)
+            return {"shape": list(value.shape), "mean": _sig(v.mean()), "sd": _sig(v.std()),
+                    "min": _sig(v.min()), "max": _sig(v.max())}
+        if value.dtype == np.float32:
+            return np.vectorize(_float32_str, otypes=[float])(value).tolist()
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+_FULL_ARRAY = 1024  # arrays up to this size are recorded element by element
+
+
+def _sig(x) -> float:
+    return float(f"{float(x):.6g}")
+
+
+def _float32_str(x) -> float:
+    return float(f"{float(x):.9g}")
 
 
 def distort(image, kind, level, rng=None) -> np.ndarray:

@@ -19,7 +19,6 @@ from typing import Callable
 import numpy as np
 from PIL import Image, features
 
-from ._matlab import im2uint8
 from .spec import DistortionSpec
 
 # The codec levels aim at the span of KADID's JPEG levels, mean PSNR over the
@@ -60,7 +59,7 @@ def _save(img: np.ndarray, fmt: str, **options) -> bytes:
 
 def _pillow_decode(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
 
 
 def _plugin(module: str, package: str):
@@ -154,18 +153,20 @@ def decode_jpegxl(data: bytes) -> np.ndarray:
 
 # ------------------------------------------------------------- KADID 9 and 10
 
+# Under the KADID stretch these see the 8-bit conversion of the stretched image and
+# their output is read as value/255 (``pixels="uint8"``), as the original's
+# im2uint8 -> codec -> im2double.
+
 def jpeg2000(img: np.ndarray, ratio: float, rng=None) -> np.ndarray:
     """KADID type 9: JPEG 2000 at a compression ratio (OpenJPEG standing in for
     MATLAB's Kakadu; see docs/codecs.md)."""
-    data = encode_jpeg2000(im2uint8(img), ratio, "rates")
-    return _pillow_decode(data) / 255.0
+    return _pillow_decode(encode_jpeg2000(img, ratio, "rates"))
 
 
 def jpeg(img: np.ndarray, quality: int, rng=None) -> np.ndarray:
     """KADID type 10: baseline JPEG, IJG quality, 4:2:0 -- pixel-identical to the
     original's output on the reference images."""
-    data = encode_jpeg(im2uint8(img), quality, "4:2:0")
-    return _pillow_decode(data) / 255.0
+    return _pillow_decode(encode_jpeg(img, quality, "4:2:0"))
 
 
 # ----------------------------------------------------------- the codec family
