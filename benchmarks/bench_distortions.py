@@ -1,9 +1,12 @@
 """Milliseconds per call for every type x level on a 512x384 image, on one core.
 
-Prints, per type, the five per-level times, the original code's time under Octave
-(from the reference stats, where available) and the speed-up; then the total for
-the 125 KADID outputs next to the time of PNG-encoding the same outputs, measured
-in this run.  Usage:
+Prints first the fixed cost of the KADID entry point (min-max stretch, output
+stretch, 8-bit conversion) as the time of a call whose pixel work is the identity,
+for float pixel work and for pixel work on the 8-bit levels; then, per type, the
+five per-level times, the original code's time under Octave (from the reference
+stats, where available) and the speed-up; then the total for the 125 KADID
+outputs next to the time of PNG-encoding the same outputs, measured in this run.
+Usage:
 
     python benchmarks/bench_distortions.py [--repeat 3] [--types all]
 """
@@ -28,7 +31,7 @@ from PIL import Image  # noqa: E402
 
 from biqa.data import sample_reference_paths  # noqa: E402
 from biqa.distortions import DistortionNotApplicable, resolve_distortions  # noqa: E402
-from biqa.distortions.api import apply_spec  # noqa: E402
+from biqa.distortions.api import apply_spec, run_stretched  # noqa: E402
 from biqa.distortions.extras import clear_ca_cache  # noqa: E402
 
 
@@ -65,6 +68,12 @@ def main() -> int:
     assert img.shape == (384, 512, 3)
     orig = original_times(args.reference / "stats.csv")
 
+    # 20 calls a timing: a call is well under a millisecond.
+    for label, pixels in (("float pixel work", "float"), ("8-bit level pixel work", "levels")):
+        ms = 1000 * time_call(lambda: [run_stretched(lambda x: x, img, pixels=pixels)
+                                       for _ in range(20)], 5 * args.repeat) / 20
+        print(f"fixed cost, identity {label}: {ms:.2f} ms per call")
+    print()
     print(f"{'type':>4} {'name':24} " + " ".join(f"{'L' + str(l):>7}" for l in range(1, 6))
           + f" {'mean ms':>8} {'octave ms':>10} {'speed-up':>9}")
     outputs = {}

@@ -65,3 +65,37 @@ def normal(rng: np.random.Generator, shape, sigma: float = 1.0) -> np.ndarray:
         upper = index[outer] == _BINS - 1
         out[outer] = np.where(upper, -z, z).astype(np.float32)
     return out.reshape(shape)
+
+
+def uniform_float32_words(rng: np.random.Generator, shape) -> np.ndarray:
+    """The 32-bit words behind ``rng.random(shape, dtype=np.float32)``: that call
+    returns (word >> 8) * 2^-24 of these, consuming the generator identically.
+
+    Uniform deviates compared with a threshold can then be compared as integers
+    (``float32_threshold_word``), and the words come straight from the bit
+    generator, at 60 % of the cost.  NumPy's PCG64 hands out 32-bit words as the
+    low then the high half of each 64-bit output; where that cannot be used
+    as is (another bit generator, a half-word left over from an earlier draw, an
+    odd count) the words are taken from ``rng.integers`` the slow way -- which
+    ``tests/test_distortions_api.py`` checks gives the same words.
+    """
+    n = math.prod(shape)
+    bitgen = rng.bit_generator
+    if (n % 2 == 0 and type(bitgen) in (np.random.PCG64, np.random.PCG64DXSM)
+            and not bitgen.state["has_uint32"]):
+        return bitgen.random_raw(n // 2).view(np.uint32).reshape(shape)
+    # rng.random's words one by one: next_uint32, as rng.integers over the full range.
+    return rng.integers(0, 2 ** 32, size=shape, dtype=np.uint32)
+
+
+def float32_threshold_word(threshold: float) -> int:
+    """The word w such that, for the words of ``uniform_float32_words``,
+    (word >> 8) * 2^-24 < float32(threshold)  <=>  word < w."""
+    return math.ceil(float(np.float32(threshold)) * 2 ** 24) * 256  # float32 * 2^24 is exact
+
+
+def words_to_float32(words: np.ndarray) -> np.ndarray:
+    """``rng.random(..., dtype=np.float32)`` from its words."""
+    u = (words >> np.uint32(8)).astype(np.float32)
+    u *= np.float32(2.0 ** -24)
+    return u

@@ -76,6 +76,19 @@ def apply_spec_with_draws(spec: DistortionSpec, image: np.ndarray, level: int,
     return out, summarize(draws) if draws else {}
 
 
+def replay_draws(spec: DistortionSpec, image: np.ndarray, level: int, draws: dict) -> np.ndarray:
+    """The output for given draws, e.g. a record read back from JSON -- where the
+    record holds them in full (motion angle, shift vector, patches, blocks, CA
+    candidate); per-pixel noise is recorded as a summary and replays from the seed."""
+    if spec.sample is None:
+        raise ValueError(f"{spec.name} draws nothing to replay")
+    param = spec.params[level - 1]
+    if not spec.kadid_stretch:
+        return spec.fn(image, param, **draws)
+    return run_stretched(lambda x: spec.fn(x, param, **draws), image, spec.input_dtype,
+                         spec.pixels)
+
+
 def _run(spec: DistortionSpec, image: np.ndarray, level: int, rng) -> tuple[np.ndarray, dict]:
     param = spec.params[level - 1]
     draws = spec.sample(image, param, rng) if spec.sample is not None else {}
@@ -259,13 +272,16 @@ def _float32_str(x) -> float:
     return float(f"{float(x):.9g}")
 
 
-def distort(image, kind, level, rng=None) -> np.ndarray:
-    """Apply distortion ``kind`` (id or name) at ``level`` 1..5 to an RGB image.
+def distort_with_draws(image, kind, level, rng=None) -> tuple[np.ndarray, dict]:
+    """``distort`` plus the JSON-able record of what was drawn for this output
+    (``apply_spec_with_draws``)."""
+    spec, img, level = _checked(image, kind, level)
+    out, draws = apply_spec_with_draws(spec, img, level, as_generator(rng))
+    assert out.dtype == np.uint8 and out.shape == img.shape, (spec.name, out.dtype, out.shape)
+    return out, draws
 
-    Returns uint8 H*W*3 of the input's height and width.  All randomness comes
-    from ``rng`` (None, an int seed or a ``numpy.random.Generator``), so the same
-    (image, kind, level, seed) gives the same bytes on any machine.
-    """
+
+def _checked(image, kind, level) -> tuple[DistortionSpec, np.ndarray, int]:
     spec = get(kind)
     level = check_level(level)
     img = as_rgb_uint8(image)
@@ -273,6 +289,17 @@ def distort(image, kind, level, rng=None) -> np.ndarray:
     if min(h, w) < spec.min_size:
         raise ValueError(f"image is {w}x{h} px; {spec.name} (type {spec.id}) needs at least "
                          f"{spec.min_size}x{spec.min_size}")
+    return spec, img, level
+
+
+def distort(image, kind, level, rng=None) -> np.ndarray:
+    """Apply distortion ``kind`` (id or name) at ``level`` 1..5 to an RGB image.
+
+    Returns uint8 H*W*3 of the input's height and width.  All randomness comes
+    from ``rng`` (None, an int seed or a ``numpy.random.Generator``), so the same
+    (image, kind, level, seed) gives the same bytes on any machine.
+    """
+    spec, img, level = _checked(image, kind, level)
     out = apply_spec(spec, img, level, as_generator(rng))
     assert out.dtype == np.uint8 and out.shape == img.shape, (spec.name, out.dtype, out.shape)
     return out

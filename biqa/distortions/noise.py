@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from ._matlab import rgb2ycbcr, ycbcr2rgb
-from ._random import normal
+from ._random import (float32_threshold_word, normal, uniform_float32_words,
+                      words_to_float32)
 
 
 def sample_gaussian(img: np.ndarray, variance: float, rng: np.random.Generator) -> dict:
@@ -24,20 +25,20 @@ def white_noise(img: np.ndarray, variance: float, noise: np.ndarray) -> np.ndarr
 
 
 def white_noise_color(img: np.ndarray, variance: float, noise: np.ndarray) -> np.ndarray:
-    """Type 12: the noise on Y, Cb and Cr (BT.601), clipped there and after the way back."""
-    ycc = rgb2ycbcr(img.astype(np.float64))
+    """Type 12: the noise on Y, Cb and Cr (BT.601), clipped there and after the way back
+    (in float32, like the other noise types: 1e-7 of the double result)."""
+    ycc = rgb2ycbcr(np.asarray(img, dtype=np.float32))
     ycc += noise
     return ycbcr2rgb(np.clip(ycc, 0.0, 1.0, out=ycc))
 
 
 def sample_impulse(img: np.ndarray, density: float, rng: np.random.Generator) -> dict:
-    """Type 13: u ~ U(0,1) per element (float32, as MATLAB's rule is applied to it);
-    u < d/2 -> pepper, d/2 <= u < d -> salt.  Returns the elements hit, as
-    index arrays."""
-    u = rng.random(img.shape, dtype=np.float32)
-    half, full = np.float32(density / 2), np.float32(density)
-    hit = np.flatnonzero(u < full)
-    pepper = u.ravel()[hit] < half
+    """Type 13: u ~ U(0,1) per element (``rng.random`` float32); u < d/2 -> pepper,
+    d/2 <= u < d -> salt.  Returns the elements hit, as flat index arrays (the
+    comparisons are made on u's integer words: the same outcome, cheaper)."""
+    words = uniform_float32_words(rng, img.shape).ravel()
+    hit = np.flatnonzero(words < float32_threshold_word(density))
+    pepper = words[hit] < float32_threshold_word(density / 2)
     return {"pepper": hit[pepper], "salt": hit[~pepper]}
 
 
@@ -59,7 +60,7 @@ def summarize_impulse(draws: dict) -> dict:
 
 def sample_speckle(img: np.ndarray, variance: float, rng: np.random.Generator) -> dict:
     """Type 14: n uniform with zero mean and the given variance, per element."""
-    n = rng.random(img.shape, dtype=np.float32)
+    n = words_to_float32(uniform_float32_words(rng, img.shape))  # rng.random, float32
     n -= np.float32(0.5)
     n *= np.float32(np.sqrt(12.0 * variance))
     return {"noise": n}
