@@ -24,6 +24,7 @@ from scipy.special import ndtri
 
 _BITS = 16
 _BINS = 1 << _BITS
+_CHUNK = 1 << 16
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,7 +55,10 @@ def normal(rng: np.random.Generator, shape, sigma: float = 1.0) -> np.ndarray:
     n = math.prod(shape)
     words = rng.bit_generator.random_raw((n + 3) // 4)
     index = words.view(np.uint16)[:n]
-    out = np.take(_scaled_table(float(sigma)), index)
+    out = np.empty(n, dtype=np.float32)
+    table = _scaled_table(float(sigma))
+    for start in range(0, n, _CHUNK):  # take() widens indices to intp: keep that temporary small
+        np.take(table, index[start:start + _CHUNK], out=out[start:start + _CHUNK])
     # Outer bins: index 0 or 65535, i.e. index - 1 wraps to >= 65534.
     outer = np.flatnonzero(np.subtract(index, 1, dtype=np.uint16) >= _BINS - 2)
     if outer.size:
@@ -95,7 +99,7 @@ def float32_threshold_word(threshold: float) -> int:
 
 
 def words_to_float32(words: np.ndarray) -> np.ndarray:
-    """``rng.random(..., dtype=np.float32)`` from its words."""
-    u = (words >> np.uint32(8)).astype(np.float32)
+    """``rng.random(..., dtype=np.float32)`` from its words (which are overwritten)."""
+    u = np.right_shift(words, np.uint32(8), out=words).astype(np.float32)
     u *= np.float32(2.0 ** -24)
     return u

@@ -208,18 +208,27 @@ def stretch_to_uint8(y: np.ndarray) -> np.ndarray:
     lo, hi = float(y.min()), float(y.max())
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return _stretch_nonfinite(y)
-    if (lo, hi) == (0.0, 1.0):
-        t = np.multiply(y, 255.0, dtype=np.float64)
-    elif hi > lo:
-        t = y.astype(np.float64)
-        t -= lo
-        t /= hi - lo
-        t *= 255.0
-    else:  # nothing to stretch: saturate as im2uint8 does
-        t = np.clip(y, 0.0, 1.0).astype(np.float64)
-        t *= 255.0
-    t += 0.5
-    return t.astype(np.uint8)  # truncation of a value in [0.5, 255.5] is floor
+    flat = y.reshape(-1)
+    out = np.empty(flat.shape, dtype=np.uint8)
+    # In blocks: the double temporary stays small (cache-resident, no fresh pages).
+    for start in range(0, flat.size, _STRETCH_BLOCK):
+        block = flat[start:start + _STRETCH_BLOCK]
+        if (lo, hi) == (0.0, 1.0):
+            t = np.multiply(block, 255.0, dtype=np.float64)
+        elif hi > lo:
+            t = block.astype(np.float64)
+            t -= lo
+            t /= hi - lo
+            t *= 255.0
+        else:  # nothing to stretch: saturate as im2uint8 does
+            t = np.clip(block, 0.0, 1.0).astype(np.float64)
+            t *= 255.0
+        t += 0.5
+        out[start:start + _STRETCH_BLOCK] = t  # truncation of [0.5, 255.5] is floor
+    return out.reshape(y.shape)
+
+
+_STRETCH_BLOCK = 1 << 16
 
 
 def _stretch_nonfinite(y: np.ndarray) -> np.ndarray:
