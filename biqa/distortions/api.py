@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import cv2
@@ -105,9 +106,19 @@ def input_table(image: np.ndarray) -> np.ndarray:
     """The stretched value of each uint8 level: (v - min)/(max - min) in double,
     from the integer values as MATLAB's ``mapmm(double(I))`` has it (a constant
     image is left as it is)."""
-    lo, hi = int(image.min()), int(image.max())
+    return _input_tables(int(image.min()), int(image.max()))[0]
+
+
+@functools.lru_cache(maxsize=1024)
+def _input_tables(lo: int, hi: int):
+    """(double table, its float32 copy, its ``im2uint8``, whether that is the identity)."""
     levels = np.arange(256, dtype=np.float64)
-    return (levels - lo) / (hi - lo) if hi > lo else levels
+    table = (levels - lo) / (hi - lo) if hi > lo else levels
+    to8 = im2uint8(table)
+    tables = (table, table.astype(np.float32), to8)
+    for t in tables:
+        t.setflags(write=False)
+    return tables + (_is_identity(to8),)
 
 
 def run_stretched(pixel_fn, image: np.ndarray, dtype="float32", pixels="float") -> np.ndarray:
@@ -119,24 +130,28 @@ def run_stretched(pixel_fn, image: np.ndarray, dtype="float32", pixels="float") 
     ``DistortionSpec``) they are done as 256-entry lookup tables, which give the
     same bytes at a fraction of the cost.
     """
-    table = input_table(image)
+    table64, table32, to8, to8_identity = _input_tables(int(image.min()), int(image.max()))
+    table = table32 if np.dtype(dtype) == np.float32 else table64.astype(dtype)
     if pixels == "levels":
-        return _levels_to_uint8(*_with_paints(pixel_fn(image)), table.astype(dtype))
+        return _levels_to_uint8(*_with_paints(pixel_fn(image)), table)
     if pixels == "pointwise":
-        values = np.asarray(pixel_fn(table.astype(dtype)))
+        values = np.asarray(pixel_fn(table.copy()))
         return _levels_to_uint8(image, [], values)
     if pixels == "uint8":
-        to8 = im2uint8(table)
-        coded = pixel_fn(image if _is_identity(to8) else cv2.LUT(image, to8))
-        return _levels_to_uint8(coded, [], np.arange(256) / 255.0)
+        coded = pixel_fn(image if to8_identity else cv2.LUT(image, to8))
+        return _levels_to_uint8(coded, [], _DECODED_TABLE)
     if pixels != "float":
         raise ValueError(f"unknown pixel domain {pixels!r}")
-    x = cv2.LUT(image, table.astype(dtype))
+    x = cv2.LUT(image, table)
     y, paints = _with_paints(pixel_fn(x))
     y = np.asarray(y)
     for index, value in paints:
         y[index] = value
     return stretch_to_uint8(y)
+
+
+_DECODED_TABLE = np.arange(256) / 255.0  # an 8-bit result read back as double, v/255
+_DECODED_TABLE.setflags(write=False)
 
 
 def _with_paints(result) -> tuple[np.ndarray, list]:
@@ -160,6 +175,15 @@ def _stretch_values(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return y.astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=1024)
+def _output_lut(raw: bytes, dtype: str, lo: float, hi: float) -> tuple[np.ndarray, bool]:
+    """The output stretch of a table of 256 values (given as bytes: a cache key), and
+    whether it is the identity."""
+    lut = _stretch_values(np.frombuffer(raw, dtype=dtype), lo, hi)
+    lut.setflags(write=False)
+    return lut, _is_identity(lut)
+
+
 def _levels_to_uint8(levels: np.ndarray, paints: list, table: np.ndarray) -> np.ndarray:
     """``stretch_to_uint8`` of the image whose element values are ``table[levels]``
     with ``paints`` written over it, computed as a lookup table.
@@ -169,8 +193,8 @@ def _levels_to_uint8(levels: np.ndarray, paints: list, table: np.ndarray) -> np.
     for a pointwise function's values, whose present levels are then counted.
     """
     lmin, lmax = _unpainted_range(levels, paints)
-    paint_values = [np.asarray(v, dtype=table.dtype) for _, v in paints]
-    candidates = [v.ravel() for v in paint_values]
+    painted = [np.asarray(v, dtype=table.dtype).ravel() for _, v in paints]
+    candidates = list(painted)
     if lmin <= lmax:  # some element is unpainted
         span = table[lmin:lmax + 1]
         if np.all(span[1:] >= span[:-1]):
@@ -181,10 +205,13 @@ def _levels_to_uint8(levels: np.ndarray, paints: list, table: np.ndarray) -> np.
             candidates.append(table[present])
     allv = np.concatenate(candidates)
     lo, hi = float(allv.min()), float(allv.max())
-    lut = _stretch_values(table, lo, hi)
-    out = levels.copy() if _is_identity(lut) else cv2.LUT(levels, lut)
-    for (index, _), value in zip(paints, paint_values):
-        out[index] = _stretch_values(value, lo, hi)
+    lut, identity = _output_lut(np.ascontiguousarray(table).tobytes(), table.dtype.str, lo, hi)
+    out = levels.copy() if identity else cv2.LUT(levels, lut)
+    if paints:
+        values8 = np.split(_stretch_values(np.concatenate(painted), lo, hi),
+                           np.cumsum([v.size for v in painted])[:-1])
+        for (index, value), v8 in zip(paints, values8):
+            out[index] = v8.reshape(np.shape(value))
     return out
 
 
