@@ -71,12 +71,14 @@ def test_lookup_by_id_name_and_digit_string():
 def test_every_type_and_level_keeps_the_contract(spec, small_image):
     from biqa.distortions import DistortionNotApplicable
 
+    before = small_image.copy()
     for level in range(1, 6):
         try:
             out = distort(small_image, spec.id, level, rng=7)
         except DistortionNotApplicable:
             continue  # chromatic aberration may find no candidate on some images
         assert out.dtype == np.uint8 and out.shape == small_image.shape
+        assert not np.shares_memory(out, small_image) and np.array_equal(small_image, before)
         again = distort(small_image, spec.id, level, rng=7)
         assert np.array_equal(out, again), "same seed must give the same bytes"
 

@@ -130,16 +130,16 @@ def run_stretched(pixel_fn, image: np.ndarray, dtype="float32", pixels="float") 
     ``DistortionSpec``) they are done as 256-entry lookup tables, which give the
     same bytes at a fraction of the cost.
     """
-    table64, table32, to8, to8_identity = _input_tables(int(image.min()), int(image.max()))
+    table64, table32, to8, to8_identity = _input_tables(*_level_range(image))
     table = table32 if np.dtype(dtype) == np.float32 else table64.astype(dtype)
     if pixels == "levels":
-        return _levels_to_uint8(*_with_paints(pixel_fn(image)), table)
+        return _levels_to_uint8(*_with_paints(pixel_fn(image)), table, image)
     if pixels == "pointwise":
         values = np.asarray(pixel_fn(table.copy()))
-        return _levels_to_uint8(image, [], values)
+        return _levels_to_uint8(image, [], values, image)
     if pixels == "uint8":
         coded = pixel_fn(image if to8_identity else cv2.LUT(image, to8))
-        return _levels_to_uint8(coded, [], _DECODED_TABLE)
+        return _levels_to_uint8(coded, [], _DECODED_TABLE, image)
     if pixels != "float":
         raise ValueError(f"unknown pixel domain {pixels!r}")
     x = cv2.LUT(image, table)
@@ -152,6 +152,14 @@ def run_stretched(pixel_fn, image: np.ndarray, dtype="float32", pixels="float") 
 
 _DECODED_TABLE = np.arange(256) / 255.0  # an 8-bit result read back as double, v/255
 _DECODED_TABLE.setflags(write=False)
+
+
+def _level_range(levels: np.ndarray) -> tuple[int, int]:
+    """(min, max) of a uint8 image in one pass."""
+    if levels.dtype == np.uint8 and levels.flags.c_contiguous:
+        lo, hi, _, _ = cv2.minMaxLoc(levels.reshape(levels.shape[0], -1))
+        return int(lo), int(hi)
+    return int(levels.min()), int(levels.max())
 
 
 def _with_paints(result) -> tuple[np.ndarray, list]:
@@ -171,7 +179,7 @@ def _stretch_values(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
         y /= hi - lo
     y *= 255.0
     y += 0.5
-    np.clip(y, 0.0, 255.0, out=y)
+    np.minimum(np.maximum(y, 0.0, out=y), 255.0, out=y)
     return y.astype(np.uint8)
 
 
@@ -184,15 +192,18 @@ def _output_lut(raw: bytes, dtype: str, lo: float, hi: float) -> tuple[np.ndarra
     return lut, _is_identity(lut)
 
 
-def _levels_to_uint8(levels: np.ndarray, paints: list, table: np.ndarray) -> np.ndarray:
+def _levels_to_uint8(levels: np.ndarray, paints: list, table: np.ndarray,
+                     source: np.ndarray) -> np.ndarray:
     """``stretch_to_uint8`` of the image whose element values are ``table[levels]``
     with ``paints`` written over it, computed as a lookup table.
 
     The output range is the range over the levels left unpainted and the painted
     values; the table is non-decreasing for the stretched input, not necessarily
     for a pointwise function's values, whose present levels are then counted.
+    Where the table maps every level to itself the levels are the result: copied
+    only if they are (or share memory with) the caller's ``source`` image.
     """
-    lmin, lmax = _unpainted_range(levels, paints)
+    lmin, lmax, scratch = _unpainted_range(levels, paints)
     painted = [np.asarray(v, dtype=table.dtype).ravel() for _, v in paints]
     candidates = list(painted)
     if lmin <= lmax:  # some element is unpainted
@@ -206,24 +217,33 @@ def _levels_to_uint8(levels: np.ndarray, paints: list, table: np.ndarray) -> np.
     allv = np.concatenate(candidates)
     lo, hi = float(allv.min()), float(allv.max())
     lut, identity = _output_lut(np.ascontiguousarray(table).tobytes(), table.dtype.str, lo, hi)
-    out = levels.copy() if identity else cv2.LUT(levels, lut)
+    if not identity:
+        out = cv2.LUT(levels, lut)
+    elif scratch is not None:  # it differs from the levels only where paint goes anyway
+        out = scratch
+    else:
+        out = levels.copy() if np.may_share_memory(levels, source) else levels
     if paints:
-        values8 = np.split(_stretch_values(np.concatenate(painted), lo, hi),
-                           np.cumsum([v.size for v in painted])[:-1])
-        for (index, value), v8 in zip(paints, values8):
-            out[index] = v8.reshape(np.shape(value))
+        values8 = _stretch_values(np.concatenate(painted), lo, hi)
+        start = 0
+        for (index, value), v in zip(paints, painted):
+            out[index] = values8[start:start + v.size].reshape(np.shape(value))
+            start += v.size
     return out
 
 
-def _unpainted_range(levels: np.ndarray, paints: list) -> tuple[int, int]:
-    """(min, max) level over the elements no paint covers; min > max if none is left."""
+def _unpainted_range(levels: np.ndarray, paints: list):
+    """(min, max) level over the elements no paint covers (min > max if none is
+    left), and the scratch copy used to find them (None without paints)."""
     if not paints:
-        return int(levels.min()), int(levels.max())
-    high, low = levels.copy(), levels.copy()
+        return _level_range(levels) + (None,)
+    scratch = levels.copy()
     for index, _ in paints:
-        high[index] = 255
-        low[index] = 0
-    return int(high.min()), int(low.max())
+        scratch[index] = 255
+    lmin = int(scratch.min())
+    for index, _ in paints:
+        scratch[index] = 0
+    return lmin, int(scratch.max()), scratch
 
 
 def stretch_to_uint8(y: np.ndarray) -> np.ndarray:

@@ -74,30 +74,27 @@ def non_eccentricity_patch(img: np.ndarray, count: int, patches) -> np.ndarray:
 @functools.lru_cache(maxsize=64)
 def _pixelate_plan(h: int, w: int, strength: float):
     """The down-and-up nearest-neighbour resize as one gather: the distinct source
-    rows, the column map for them (an OpenCV remap map where it fits int16) and
-    which of them each output row repeats."""
+    rows, the source column of every output column, and which distinct row each
+    output row repeats."""
     z = 0.95 - strength ** 0.6
     lo_h, lo_w = math.ceil(z * h), math.ceil(z * w)
     rows = imresize_nearest_index(h, lo_h, z)[imresize_nearest_index(lo_h, h, h / lo_h)]
     cols = imresize_nearest_index(w, lo_w, z)[imresize_nearest_index(lo_w, w, w / lo_w)]
     distinct, repeat = np.unique(rows, return_inverse=True)
-    col_map = None
-    if max(h, w) < 2 ** 15:
-        col_map = np.empty((distinct.size, w, 2), dtype=np.int16)
-        col_map[..., 0] = cols
-        col_map[..., 1] = np.arange(distinct.size)[:, None]
-    return distinct, cols, col_map, repeat
+    return distinct, cols, repeat
 
 
 def pixelate(img: np.ndarray, strength: float, rng=None) -> np.ndarray:
     """Type 21: nearest-neighbour down by z = 0.95 - s^0.6 and back, MATLAB geometry
     (deterministic; ``rng`` unused).  The columns are gathered once per distinct
-    source row (OpenCV's integer remap), the rows then repeated."""
+    source row, the rows then repeated; 8-bit RGB pixels move as 32-bit words."""
     h, w = img.shape[:2]
-    distinct, cols, col_map, repeat = _pixelate_plan(h, w, float(strength))
+    distinct, cols, repeat = _pixelate_plan(h, w, float(strength))
     src = np.take(img, distinct, axis=0)
-    if col_map is not None and img.ndim == 3 and img.shape[2] <= 4:
-        src = cv2.remap(src, col_map, None, cv2.INTER_NEAREST)
+    if img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3:
+        words = cv2.cvtColor(src, cv2.COLOR_RGB2RGBA).view(np.uint32)[..., 0]
+        src = cv2.cvtColor(np.take(words, cols, axis=1).view(np.uint8).reshape(-1, w, 4),
+                           cv2.COLOR_RGBA2RGB)
     else:
         src = np.take(src, cols, axis=1)
     return np.take(src, repeat, axis=0)
