@@ -304,9 +304,7 @@ def record_draws(draws: dict) -> dict:
 def _jsonable(value):
     if isinstance(value, np.ndarray):
         if value.size > _FULL_ARRAY:
-            v = value.astype(np.float64)
-            return {"shape": list(value.shape), "mean": _sig(v.mean()), "sd": _sig(v.std()),
-                    "min": _sig(v.min()), "max": _sig(v.max())}
+            return {"shape": list(value.shape), **_summary(value.reshape(-1))}
         if value.dtype == np.float32:
             return np.vectorize(_float32_str, otypes=[float])(value).tolist()
         return value.tolist()
@@ -318,6 +316,14 @@ def _jsonable(value):
 
 
 _FULL_ARRAY = 1024  # arrays up to this size are recorded element by element
+
+
+def _summary(flat: np.ndarray) -> dict:
+    """Mean, (population) sd, min and max, summed in double without a double copy."""
+    mean = float(np.add.reduce(flat, dtype=np.float64)) / flat.size
+    mean_sq = float(np.add.reduce(np.square(flat), dtype=np.float64)) / flat.size
+    return {"mean": _sig(mean), "sd": _sig(math.sqrt(max(mean_sq - mean * mean, 0.0))),
+            "min": _sig(flat.min()), "max": _sig(flat.max())}
 
 
 def _sig(x) -> float:
