@@ -12,7 +12,8 @@ from biqa.distortions import distort, get, registry
 from biqa.distortions._matlab import im2uint8, mapmm, psnr
 from biqa.distortions.api import run_stretched
 from biqa.distortions.compression import (CALIBRATION_TARGETS_DB, CODEC_SPECS, CODECS,
-                                          _pillow_decode, encode_jpeg2000)
+                                          _pillow_decode, decode_jpeg, encode_jpeg,
+                                          encode_jpeg2000)
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,23 @@ def test_kadid_codecs_see_the_stretch_in_double_precision():
     image = np.repeat(values.astype(np.uint8)[None, :, None], 3, axis=2).repeat(2, axis=0)
     want = np.floor(values * 255 / span + 0.5).astype(np.uint8)
     for type_id in (9, 10):
+        spec = get(type_id)
         seen = run_stretched(lambda x: im2uint8(x.astype(np.float64)) / 255.0, image,
-                             get(type_id).input_dtype)
+                             spec.input_dtype)
         assert np.array_equal(seen[0, :, 0], want), type_id
+        # What the codec is handed on the table-driven path the type runs on.
+        handed = []
+        run_stretched(lambda x8: handed.append(x8) or x8, image, spec.input_dtype,
+                      spec.pixels)
+        assert spec.pixels == "uint8" and np.array_equal(handed[0][0, :, 0], want), type_id
+
+
+@pytest.mark.parametrize("subsampling", ["4:2:0", "4:4:4"])
+def test_opencv_decodes_jpeg_as_pillow_does(samples, subsampling):
+    for im in samples:
+        for quality in (90, 43, 24, 4):
+            data = encode_jpeg(im, quality, subsampling)
+            assert np.array_equal(decode_jpeg(data), _pillow_decode(data)), quality
 
 
 def test_codec_ids_and_the_vipnet_stand_in():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -69,12 +71,14 @@ def test_lookup_by_id_name_and_digit_string():
 def test_every_type_and_level_keeps_the_contract(spec, small_image):
     from biqa.distortions import DistortionNotApplicable
 
+    before = small_image.copy()
     for level in range(1, 6):
         try:
             out = distort(small_image, spec.id, level, rng=7)
         except DistortionNotApplicable:
             continue  # chromatic aberration may find no candidate on some images
         assert out.dtype == np.uint8 and out.shape == small_image.shape
+        assert not np.shares_memory(out, small_image) and np.array_equal(small_image, before)
         again = distort(small_image, spec.id, level, rng=7)
         assert np.array_equal(out, again), "same seed must give the same bytes"
 
@@ -161,3 +165,101 @@ def test_matlab_kernels_have_the_documented_shapes():
     assert fspecial_motion(1, 0).shape == (1, 1)
     horizontal = fspecial_motion(5, 0)
     assert horizontal.shape == (1, 5) and abs(horizontal.sum() - 1) < 1e-9
+
+
+# ------------------------------------------------------------------ draws
+
+STOCHASTIC = [s for s in registry() if s.stochastic]
+# Types whose record holds every draw in full: replaying it must give the bytes.
+FULLY_RECORDED = ("motion_blur", "color_shift", "non_eccentricity_patch", "color_block",
+                  "chromatic_aberration")
+
+
+def test_every_stochastic_type_samples_apart_from_its_pixel_work():
+    assert all(s.sample is not None for s in STOCHASTIC)
+
+
+@pytest.mark.parametrize("spec", STOCHASTIC, ids=lambda s: s.name)
+def test_draws_are_recorded_small_json_and_deterministic(spec, small_image):
+    from biqa.distortions import distort_with_draws
+
+    for level in (1, 5):
+        out, draws = distort_with_draws(small_image, spec.id, level, rng=3)
+        assert draws, "a stochastic type must record what it drew"
+        text = json.dumps(draws)
+        assert len(text) < 2500, (spec.name, len(text))
+        again_out, again = distort_with_draws(small_image, spec.id, level, rng=3)
+        assert json.loads(text) == again and np.array_equal(out, again_out)
+        assert np.array_equal(out, distort(small_image, spec.id, level, rng=3))
+        others = [distort_with_draws(small_image, spec.id, level, rng=s)[1] for s in (4, 5, 6)]
+        assert any(o != draws for o in others), "the draws must depend on the seed"
+
+
+@pytest.mark.parametrize("name", FULLY_RECORDED)
+def test_replaying_recorded_draws_gives_the_same_bytes(name):
+    from biqa.distortions import DistortionNotApplicable
+    from biqa.distortions.api import apply_spec_with_draws, replay_draws
+
+    from PIL import Image
+    img = np.asarray(Image.open(sample_reference_paths()[1]).convert("RGB"))
+    spec = get(name)
+    replayed = 0
+    for level in range(1, 6):
+        try:
+            out, draws = apply_spec_with_draws(spec, img, level, np.random.default_rng(level))
+        except DistortionNotApplicable:
+            continue
+        from_json = json.loads(json.dumps(draws))
+        assert np.array_equal(replay_draws(spec, img, level, from_json), out), (name, level)
+        replayed += 1
+    assert replayed >= 3
+
+
+def test_motion_and_shift_draws_say_what_was_drawn(small_image):
+    from biqa.distortions import distort_with_draws
+
+    _, motion = distort_with_draws(small_image, "motion_blur", 4, rng=11)
+    assert set(motion) == {"angle"} and 0 <= motion["angle"] <= 180
+    _, shift = distort_with_draws(small_image, "color_shift", 5, rng=11)
+    dr, dc = shift["shift"]
+    assert dr >= 0 and dc >= 0 and abs(np.hypot(dr, dc) - 12) <= 1
+    _, blocks = distort_with_draws(small_image, "color_block", 5, rng=11)
+    assert len(blocks["corners"]) == len(blocks["colours"]) == 10
+    _, impulse = distort_with_draws(small_image, "impulse_noise", 5, rng=11)
+    hits = impulse["pepper"] + impulse["salt"]
+    assert abs(hits - 0.03 * small_image.size) < 5 * np.sqrt(0.03 * small_image.size)
+    _, noise = distort_with_draws(small_image, "white_noise", 5, rng=11)
+    assert noise["noise"]["shape"] == list(small_image.shape)
+    assert noise["noise"]["sd"] == pytest.approx(0.1, rel=0.02)
+
+
+# ------------------------------------------------------------------ random streams
+
+@pytest.mark.parametrize("count, earlier", [(4096, 0), (4097, 0), (4096, 3), (9, 1)])
+def test_uniform_words_are_those_of_rng_random(count, earlier):
+    from biqa.distortions._random import (float32_threshold_word, uniform_float32_words,
+                                          words_to_float32)
+
+    a, b = np.random.default_rng(8), np.random.default_rng(8)
+    a.random(earlier, dtype=np.float32)
+    b.random(earlier, dtype=np.float32)
+    expected = a.random(count, dtype=np.float32)
+    words = uniform_float32_words(b, (count,))
+    assert np.array_equal(words_to_float32(words.copy()), expected)
+    assert np.array_equal(a.random(5), b.random(5)), "the generator must be left alike"
+    for t in (0.001, 0.015, 0.5, 1e-9, 0.999999):
+        assert np.array_equal(words < float32_threshold_word(t), expected < np.float32(t))
+
+
+def test_normal_deviates_are_standard_normal_and_deterministic():
+    from scipy import stats
+
+    from biqa.distortions._random import normal
+
+    z = normal(np.random.default_rng(2), (1000, 1000)).astype(np.float64).ravel()
+    assert abs(z.mean()) < 0.004 and abs(z.std() - 1) < 0.003
+    assert stats.kstest(z, "norm").pvalue > 0.01
+    tail = np.abs(z) > 4.17  # the outer bins are drawn exactly, not collapsed
+    assert 10 < tail.sum() < 60 and np.unique(z[tail]).size == tail.sum()
+    assert np.array_equal(normal(np.random.default_rng(2), (7, 3), 0.5),
+                          normal(np.random.default_rng(2), (7, 3), 0.5))

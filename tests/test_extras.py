@@ -90,7 +90,7 @@ def test_ca_refuses_bad_input_clearly():
     with pytest.raises(ValueError, match="at least 30 px"):
         extras.chromatic_aberration_choice(np.zeros((20, 64, 3), np.uint8))
     with pytest.raises(ValueError, match="target PSNR"):
-        extras.chromatic_aberration(np.zeros((64, 64, 3), np.uint8), 31, None)
+        extras.sample_ca(np.zeros((64, 64, 3), np.uint8), 31)
 
 
 # ------------------------------------------------------------ chromatic aberration

@@ -13,7 +13,7 @@ from scipy.stats import norm
 from biqa.data import sample_reference_paths
 from biqa.distortions import distort
 from biqa.distortions import denoise as dn
-from biqa.distortions.noise import white_noise
+from biqa.distortions.noise import sample_gaussian, white_noise
 from biqa.distortions import quantize as q
 from biqa.distortions._matlab import im2uint8, imgaussfilt, mapmm, psnr
 from biqa.distortions.registry import get
@@ -45,7 +45,7 @@ def test_contract_and_determinism(samples, type_id):
     assert out.dtype == np.uint8 and out.shape == img.shape
     assert np.array_equal(out, distort(img, type_id, 3, np.random.default_rng(7)))
     spec = get(type_id)
-    raw = np.asarray(spec.fn(stretched(img), spec.params[2], np.random.default_rng(7)))
+    raw = np.asarray(spec.apply(stretched(img), spec.params[2], np.random.default_rng(7)))
     assert raw.shape == img.shape and np.isfinite(raw).all()
     other_seed = distort(img, type_id, 3, 8)
     assert np.array_equal(out, other_seed) == (not spec.stochastic)
@@ -233,13 +233,13 @@ def test_quantization_thresholds_count_and_levels(samples):
 def test_white_noise_statistics_match_imnoise():
     grey = np.full((256, 256, 3), 0.5, np.float32)
     for var in (0.01, 0.15):
-        noisy = white_noise(grey, var, np.random.default_rng(1))
+        noisy = white_noise(grey, var, **sample_gaussian(grey, var, np.random.default_rng(1)))
         clipped = np.mean((noisy == 0) | (noisy == 1))
         expected = 2 * norm.sf(0.5 / np.sqrt(var))
         assert clipped == pytest.approx(expected, abs=0.005)
         inside = noisy[(noisy > 0) & (noisy < 1)] - 0.5
         assert abs(inside.mean()) < 0.003
-    noisy = white_noise(grey, 0.01, np.random.default_rng(1))
+    noisy = white_noise(grey, 0.01, **sample_gaussian(grey, 0.01, np.random.default_rng(1)))
     assert np.std(noisy - 0.5) == pytest.approx(0.1, rel=0.01)
 
 
@@ -249,7 +249,7 @@ def test_denoiser_removes_most_of_the_noise(samples):
         for i, img in enumerate(samples[:3]):
             clean = stretched(img)
             rng = np.random.default_rng(i)
-            noisy = white_noise(clean, var, rng)
+            noisy = white_noise(clean, var, **sample_gaussian(clean, var, rng))
             out = dn.nlm_denoise(im2uint8(noisy), 255 * np.sqrt(var))
             gains.append(psnr(out, im2uint8(clean)) - psnr(im2uint8(noisy), im2uint8(clean)))
         assert np.mean(gains) > 5.0, (var, gains)

@@ -233,14 +233,20 @@ _YCC_OFF = np.array([16.0, 128.0, 128.0]) / 255.0
 _YCC_TINV = np.linalg.inv(_YCC_T)
 
 
+_YCC_FORWARD = np.hstack([_YCC_T, _YCC_OFF[:, None]])
+_YCC_BACK = np.hstack([_YCC_TINV, -(_YCC_TINV @ _YCC_OFF)[:, None]])
+
+
 def rgb2ycbcr(rgb: np.ndarray) -> np.ndarray:
-    """MATLAB ``rgb2ycbcr`` on doubles (BT.601, Y in [16,235]/255)."""
-    return rgb @ _YCC_T.T + _YCC_OFF
+    """MATLAB ``rgb2ycbcr`` on doubles (BT.601, Y in [16,235]/255), in the input's
+    float precision (one OpenCV pass)."""
+    return cv2.transform(rgb, _YCC_FORWARD.astype(rgb.dtype))
 
 
 def ycbcr2rgb(ycc: np.ndarray) -> np.ndarray:
     """MATLAB ``ycbcr2rgb`` on doubles, which clips its output to [0,1]."""
-    return np.clip((ycc - _YCC_OFF) @ _YCC_TINV.T, 0.0, 1.0)
+    rgb = cv2.transform(ycc, _YCC_BACK.astype(ycc.dtype))
+    return np.clip(rgb, 0.0, 1.0, out=rgb)
 
 
 _GRAY = np.array([0.298936021293775, 0.587043074451121, 0.114020904255103])

@@ -18,18 +18,14 @@ def lens_blur(img: np.ndarray, radius: float, rng: np.random.Generator) -> np.nd
     return imfilter_replicate(img, fspecial_disk(radius))
 
 
-def motion_angle(rng: np.random.Generator) -> int:
-    """The motion direction of type 3: ``randi([0, 180])`` degrees."""
-    return int(rng.integers(0, 181))
-
-
-def motion_blur(img: np.ndarray, length: float, rng: np.random.Generator) -> np.ndarray:
-    """Type 3: MATLAB's anti-aliased motion kernel at a random angle, replicate borders."""
-    return motion_blur_at(img, length, motion_angle(rng))
+def sample_motion(img: np.ndarray, length: float, rng: np.random.Generator) -> dict:
+    """Type 3's direction: ``randi([0, 180])`` degrees."""
+    return {"angle": int(rng.integers(0, 181))}
 
 
 def motion_blur_at(img: np.ndarray, length: float, angle: float) -> np.ndarray:
-    """Type 3's pixel work for a given angle in degrees."""
+    """Type 3: MATLAB's anti-aliased motion kernel at ``angle`` degrees, replicate
+    borders."""
     return imfilter_replicate(img, fspecial_motion(length, angle))
 
 

@@ -40,22 +40,23 @@ def _edge_weight(img: np.ndarray) -> np.ndarray:
     return _ps2(np.clip(e, 0.1, 1.0))
 
 
-def color_shift_vector(amount: float, rng: np.random.Generator) -> tuple[int, int]:
-    """``round(normr(rand(1,2)) * a)``: a (rows, cols) shift, both components >= 0."""
+def sample_color_shift(img: np.ndarray, amount: float, rng: np.random.Generator) -> dict:
+    """Type 5's shift of the green channel, ``round(normr(rand(1,2)) * a)``: (rows,
+    cols), both components >= 0."""
     u = rng.random(2)
     u = u / np.sqrt(np.sum(u * u))
     r, c = np.floor(u * amount + 0.5).astype(int)
-    return int(r), int(c)
+    return {"shift": (int(r), int(c))}
 
 
-def color_shift(img: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarray:
-    """Type 5: shift the green channel by an integer vector (replicate padding) and
-    blend it in where the image has edges."""
-    return color_shift_by(img, color_shift_vector(amount, rng))
+def color_shift(img: np.ndarray, amount: float, shift: tuple[int, int]) -> np.ndarray:
+    """Type 5 with its drawn ``shift`` (``amount`` only sets the shift's length)."""
+    return color_shift_by(img, shift)
 
 
 def color_shift_by(img: np.ndarray, shift: tuple[int, int]) -> np.ndarray:
-    """Type 5's pixel work for a given (rows, cols) shift of the green channel."""
+    """Type 5's pixel work: shift the green channel by (rows, cols) (replicate
+    padding) and blend it in where the image has edges."""
     w = _edge_weight(img)
     dr, dc = shift
     g = img[..., 1]

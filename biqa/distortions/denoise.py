@@ -38,8 +38,9 @@ def nlm_denoise(rgb8: np.ndarray, sigma8: float) -> np.ndarray:
                                     searchWindowSize=NLM_SEARCH)
 
 
-def denoise(img: np.ndarray, variance: float, rng: np.random.Generator) -> np.ndarray:
-    """Type 15: white noise of ``variance``, then non-local-means denoising."""
-    noisy = white_noise(img, float(variance), rng)  # MATLAB imnoise: add, clip
+def denoise(img: np.ndarray, variance: float, noise: np.ndarray) -> np.ndarray:
+    """Type 15: white ``noise`` of ``variance`` (``noise.sample_gaussian``), then
+    non-local-means denoising."""
+    noisy = white_noise(img, variance, noise)  # MATLAB imnoise: add, clip
     sigma8 = 255.0 * math.sqrt(variance)
     return nlm_denoise(im2uint8(noisy), sigma8).astype(np.float32) / np.float32(255.0)

@@ -123,10 +123,16 @@ def imresize_bicubic(planes: np.ndarray, height: int, width: int) -> np.ndarray:
     return _resize_axis(_resize_axis(planes, 2, width), 1, height)
 
 
-def pink_noise(img: np.ndarray, weight: float, rng: np.random.Generator) -> np.ndarray:
-    """Type 26: add ``weight * 255`` times a resized 1/f field, floor, saturate."""
+def sample_pink(img: np.ndarray, weight: float, rng: np.random.Generator) -> dict:
+    """Type 26's noise: one 512x512 1/f field per channel (``pink_field``)."""
+    return {"field": pink_field(rng, img.shape[2])}
+
+
+def pink_noise(img: np.ndarray, weight: float, field: np.ndarray) -> np.ndarray:
+    """Type 26: add ``weight * 255`` times the field resized to the image, floor,
+    saturate."""
     h, w = img.shape[:2]
-    field = imresize_bicubic(pink_field(rng, img.shape[2]), h, w).transpose(1, 2, 0)
+    field = imresize_bicubic(np.asarray(field), h, w).transpose(1, 2, 0)
     noisy = np.floor(img + weight * (field * 255.0))
     return np.clip(noisy, 0, 255).astype(np.uint8)
 
@@ -373,12 +379,11 @@ def ca_candidate(img: np.ndarray, shift: int, hsize: int) -> np.ndarray:
     return np.stack(planes, axis=-1).astype(np.uint8)
 
 
-def chromatic_aberration(img: np.ndarray, target_psnr: float,
-                         rng: np.random.Generator) -> np.ndarray:
-    """Type 27: the candidate the original's search picks for this level's target.
+def sample_ca(img: np.ndarray, target_psnr: float, rng=None) -> dict:
+    """Type 27's choice for this level's target PSNR: the candidate (shift index,
+    kernel side) the original's search picks -- deterministic (``rng`` unused).
 
-    Deterministic (``rng`` is unused).  Raises DistortionNotApplicable where the
-    search finds no candidate for the level.
+    Raises DistortionNotApplicable where the search finds no candidate for the level.
     """
     if target_psnr not in CA_TARGETS:
         raise ValueError(f"chromatic aberration target PSNR must be one of {CA_TARGETS}, "
@@ -390,7 +395,13 @@ def chromatic_aberration(img: np.ndarray, target_psnr: float,
             f"chromatic aberration level {level + 1}: the original search finds no "
             f"candidate near {target_psnr} dB for this image (the original generator "
             "drops such images)")
-    return ca_candidate(img, pick.shift, pick.hsize)
+    return {"shift": pick.shift, "hsize": pick.hsize}
+
+
+def chromatic_aberration(img: np.ndarray, target_psnr: float, shift: int,
+                         hsize: int) -> np.ndarray:
+    """Type 27: the candidate (``sample_ca``) for this level."""
+    return ca_candidate(img, int(shift), int(hsize))
 
 
 # --------------------------------------------------------- 28/29 exposure curves

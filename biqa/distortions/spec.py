@@ -19,11 +19,23 @@ class DistortionNotApplicable(Exception):
 class DistortionSpec:
     """One distortion type.
 
-    ``fn(img, param, rng)`` does the pixel work.  With ``kadid_stretch`` (types
-    1-25) it receives a float32 H*W*3 image in [0,1] that has been min-max
-    stretched, and returns a float image that is stretched again before the 8-bit
-    conversion, exactly as the KADID entry point does.  Without it (types 26+)
-    it receives and returns uint8 H*W*3.
+    ``fn`` does the pixel work.  A type that draws random values (or chooses
+    something per image) has a ``sample(img, param, rng) -> dict`` that makes
+    every draw, and ``fn(img, param, **draws)`` is then deterministic, so a
+    sample can be explained and replayed from its draws; otherwise it is
+    ``fn(img, param, rng)``.  ``apply`` composes the two.
+
+    With ``kadid_stretch`` (types 1-25) the image is min-max stretched first and
+    the output stretched again before the 8-bit conversion, exactly as the KADID
+    entry point does; ``pixels`` says what ``fn`` sees then (see
+    ``biqa.distortions.api``): "float" (the stretched float image; returns
+    float), "levels" (the uint8 image; ``fn`` only moves values, so the stretch
+    becomes a lookup table), "pointwise" (an elementwise ``fn``: evaluated on the
+    256 levels only) or "uint8" (the 8-bit conversion of the stretched image;
+    returns uint8 read as value/255, as the KADID codecs do).  ``fn`` may also
+    return ``(image, paints)``: values written after the pixel work, a list of
+    (index, value) with ``image[index] = value``.  Without the stretch (types
+    26+) ``fn`` receives and returns uint8 H*W*3.
     """
 
     id: int
@@ -39,6 +51,17 @@ class DistortionSpec:
     input_dtype: str = "float32"
     min_size: int = 64  # smallest height and width the type supports
     description: str = ""
+    pixels: str = "float"
+    sample: Callable | None = None
+    # draws -> JSON-able summary, where the generic one (``api.record_draws``:
+    # small arrays in full, large ones as shape/mean/sd/min/max) explains less.
+    summarize: Callable | None = None
+
+    def apply(self, img, param, rng):
+        """The pixel work with its draws, on an image already in ``fn``'s domain."""
+        if self.sample is None:
+            return self.fn(img, param, rng)
+        return self.fn(img, param, **self.sample(img, param, rng))
 
     def as_dict(self) -> dict:
         return {
