@@ -72,7 +72,7 @@ def owned_file(out_dir: str, name, in_stats: bool = False) -> str | None:
 
 
 def recorded_output(out_dir: str, name) -> str | None:
-    """``owned_file`` for a shard or image name read from a record (never the manifest)."""
+    """``owned_file`` for a shard or image name read from a record (so never manifest.json)."""
     if not isinstance(name, str) or not _is_output_name(name):
         return None
     return owned_file(out_dir, name)

@@ -50,6 +50,7 @@ class TaskProgress:
 
 
 _driver: dict = {"address": None, "conn": None}  # this process's connection to the driver
+_driver_lock = threading.Lock()  # a Dask worker may run tasks in several threads
 
 
 def _connection(address, authkey: bytes):
@@ -73,14 +74,15 @@ class SocketReporter:
 
     def __call__(self, index: int, token: int, written: int, skipped: int,
                  not_applicable: int) -> None:
-        conn = _connection(self.address, self.authkey)
-        if conn is None:
-            return
-        try:
-            conn.send_bytes(_MESSAGE.pack(index, token, written, skipped, not_applicable))
-        except OSError:  # the driver went away: stop reporting, the task goes on
-            conn.close()
-            _driver["conn"] = None
+        with _driver_lock:
+            conn = _connection(self.address, self.authkey)
+            if conn is None:
+                return
+            try:
+                conn.send_bytes(_MESSAGE.pack(index, token, written, skipped, not_applicable))
+            except OSError:  # the driver went away: stop reporting, the task goes on
+                conn.close()
+                _driver["conn"] = None
 
 
 # ------------------------------------------------------------------ driver side
@@ -268,10 +270,11 @@ class Progress:
         eta = _fmt_seconds((self.to_do - self.processed) / rate) if rate > 0 else "?"
         what = "" if result is None else f"{result['shard']} " + (
             "already done" if result.get("resumed") else result["status"]) + "; "
+        counts = (f", {self.processed}/{self.to_do} samples processed ({written} written, "
+                  f"{skipped} skipped, {na} not applicable); {images_rate}, ETA {eta}"
+                  if self.to_do else "")  # else every shard so far was already done
         self.write(f"{what}{self.shards}/{self.total_shards} shards ({self.resumed} already "
-                   f"done, {self.failed} failed), {self.processed}/{self.to_do} samples "
-                   f"processed ({written} written, {skipped} skipped, {na} not applicable); "
-                   f"{images_rate}, ETA {eta}")
+                   f"done, {self.failed} failed){counts}")
 
     def write(self, message: str) -> None:
         """``biqa-gen: message`` on the stream, above the bar if one is shown."""
