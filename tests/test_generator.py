@@ -344,3 +344,31 @@ def test_progress_counts_written_skipped_and_not_applicable_as_a_bar_or_log_line
                 "4/4 shards (1 already done, 1 failed), 30/30 samples processed (10 written, "
                 "5 skipped, 5 not applicable); " + lines[-1].split("); ")[-1])
             assert "images/s, ETA" in lines[-1]
+
+
+def test_log_records_and_warnings_print_above_the_bar_not_inside_it():
+    """In a fresh process, as in biqa-gen: a logger with its own console handler, one with
+    none (logging's last resort), a warning and biqa's own message, while a bar shows."""
+    code = """if True:
+        import logging, sys, warnings
+        from biqa.generator.progress import Progress
+        logging.getLogger("distributed").addHandler(logging.StreamHandler(sys.stderr))
+        progress = Progress(10, 1, stream=sys.stderr, tty=True)
+        with progress.redirect_logging():
+            progress.advance(0, 1, 5, 0, 0)
+            logging.getLogger("distributed.worker").warning("a log record")
+            logging.getLogger("elsewhere").warning("no handler at all")
+            warnings.warn("a warning", UserWarning)
+            progress.write("a message")
+            progress.advance(0, 1, 7, 0, 0)
+        progress.close()
+        logging.getLogger("distributed").warning("after the bar")
+    """
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stderr
+    lines = err.replace("\r", "\n").splitlines()
+    for text in ("a log record", "no handler at all", "UserWarning: a warning",
+                 "biqa-gen: a message", "after the bar"):
+        [line] = [ln for ln in lines if text in ln]
+        assert "img" not in line  # on a line of its own, not glued to the bar
+    assert "7/10" in err

@@ -13,6 +13,7 @@ finished shard through its result only.  Reporting changes no output byte.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import secrets
@@ -166,6 +167,19 @@ def progress_channel(on_message: Report):
         channel.close()
 
 
+class _LinesAboveBar(io.TextIOBase):
+    """A text stream that hands each complete line to ``write_line`` (tqdm.write)."""
+
+    def __init__(self, write_line: Callable[[str], None]):
+        self._write_line, self._pending = write_line, ""
+
+    def write(self, text: str) -> int:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            self._write_line(line)
+        return len(text)
+
+
 def _fmt_seconds(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 \
@@ -287,20 +301,33 @@ class Progress:
 
     @contextlib.contextmanager
     def redirect_logging(self):
-        """While the bar is shown, log records and warnings print above it, not inside it."""
+        """While the bar is shown, log records and warnings print above it, not inside it:
+        every console handler of every logger (and logging's last resort) and
+        ``warnings.showwarning`` write through the bar for the duration."""
         if self._bar is None:
             yield
             return
-        from tqdm.contrib.logging import logging_redirect_tqdm
+        above = _LinesAboveBar(lambda line: self._bar.write(line, file=self.stream))
+        loggers = [logging.root, *(lg for lg in logging.root.manager.loggerDict.values()
+                                   if isinstance(lg, logging.Logger))]
+        handlers = [h for lg in loggers for h in lg.handlers
+                    if type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr)]
+        streams = [h.setStream(above) for h in handlers]
+        last_resort = logging.lastResort
+        logging.lastResort = logging.StreamHandler(above)
+        logging.lastResort.setLevel(logging.WARNING)
 
         def show(message, category, filename, lineno, file=None, line=None):
-            self.write(warnings.formatwarning(message, category, filename, lineno,
-                                              line).rstrip())
+            above.write(warnings.formatwarning(message, category, filename, lineno, line))
 
-        loggers = [logging.root, logging.getLogger("distributed")]
-        with logging_redirect_tqdm(loggers=loggers), warnings.catch_warnings():
-            warnings.showwarning = show
-            yield
+        try:
+            with warnings.catch_warnings():
+                warnings.showwarning = show
+                yield
+        finally:
+            logging.lastResort = last_resort
+            for h, stream in zip(handlers, streams):
+                h.setStream(stream)
 
     def close(self) -> None:
         if self._bar is not None:
