@@ -102,7 +102,7 @@ def gen(refs, refs_root, distortions, levels, out, seed, workers, backend, sched
     options = dict(max_pixels=max_pixels, allow_upscale=allow_upscale,
                    refs_outside_root=allow_refs_outside_root)
     try:
-        with _sigterm_as_interrupt():
+        with _SigtermAsInterrupt():
             if preview:
                 plan = make_plan(refs, refs_root, distortions, levels, out, seed, per_shard,
                                  image_format, out_format, resize, **options)
@@ -138,7 +138,7 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that it stops the workers the same way."""
 
 
-class _sigterm_as_interrupt:
+class _SigtermAsInterrupt:
     """While the block runs (in the main thread), SIGTERM raises ``_Terminated``."""
 
     def __enter__(self):
