@@ -38,7 +38,7 @@ def effective_workers(requested: int | None, backend: str, scheduler: str | None
     """Workers to start: the request (default: all cores), never more than there are
     tasks -- idle processes only cost start-up time -- with a warning above the cores."""
     cores = default_workers()
-    workers = requested or cores
+    workers = cores if requested is None else requested
     check_backend(workers, backend, scheduler)
     if scheduler:
         return workers  # the cluster's workers, not ours
