@@ -28,6 +28,7 @@ import numpy as np
 from biqa.distortions import DistortionNotApplicable, get, resolve_distortions
 from biqa.distortions._matlab import psnr
 from biqa.distortions.api import apply_spec, run_stretched
+from biqa.generator import make_plan
 from biqa.generator.preview import write_contact_sheet
 from biqa.generator.refs import load_reference, resolve_refs
 from biqa.generator.seeding import sample_rng
@@ -332,8 +333,10 @@ def main(argv=None) -> int:
     refs = resolve_refs(None)
     ref_path = refs.paths[refs.ids.index(GALLERY_REF)]
     png = args.out_dir / "gallery.png"
-    failures = write_contact_sheet(str(png), ref_path, GALLERY_REF, [s.id for s in specs],
-                                   seed=SEED, thumb_width=GALLERY_CROP[2], crop=GALLERY_CROP)
+    plan = make_plan(refs=[ref_path], distortions=",".join(str(s.id) for s in specs),
+                     seed=SEED)
+    failures = write_contact_sheet(str(png), plan, thumb_width=GALLERY_CROP[2],
+                                   crop=GALLERY_CROP)
     if failures:
         print("gallery.py: cells failed: " + "; ".join(failures), file=sys.stderr)
         return 1

@@ -67,15 +67,27 @@ def _size(min_side: int):
               type=click.Choice(["webdataset", "folder"]),
               help="Tar shards, or loose OUT/<ref>_<TT>_<LL>.png files.")
 @click.option("--resize", default=None, metavar="WxH",
-              help="Scale each reference to cover WxH and centre-crop it first.")
+              help="Scale each reference to cover WxH (aspect ratio kept, Lanczos) and "
+                   "centre-crop it first. At most 16384 px a side and --max-pixels.")
+@click.option("--allow-upscale", is_flag=True,
+              help="Let --resize enlarge references smaller than the selected distortions "
+                   "need (skipped as too small otherwise).")
+@click.option("--max-pixels", default=50_000_000, show_default=True, type=click.IntRange(min=0),
+              help="Skip references with more pixels (read from the header, before decoding); "
+                   "0: no limit (Pillow's decompression-bomb limit still applies).")
+@click.option("--allow-refs-outside-root", is_flag=True,
+              help="Read list entries that lead outside --refs-root (absolute names, '..', "
+                   "symlinks) instead of refusing them.")
 @click.option("--overwrite", is_flag=True,
-              help="Delete the output of a different job in --out instead of refusing.")
+              help="Replace the output of a different job in --out instead of refusing: "
+                   "deletes only the shards, images and stats biqa-gen recorded there.")
 @click.option("--preview", default=None, metavar="OUT.png", type=click.Path(dir_okay=False),
               help="Instead of generating, render a contact sheet of the first reference "
                    "through every selected type and level.")
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines; only the summary.")
 def gen(refs, refs_root, distortions, levels, out, seed, workers, backend, scheduler, per_shard,
-        image_format, out_format, resize, overwrite, preview, quiet):
+        image_format, out_format, resize, allow_upscale, max_pixels, allow_refs_outside_root,
+        overwrite, preview, quiet):
     """Generate distorted images from reference images into WebDataset shards.
 
     \b
@@ -85,31 +97,34 @@ def gen(refs, refs_root, distortions, levels, out, seed, workers, backend, sched
     biqa-gen --preview sheet.png --refs photo.jpg --distortions kadid
 
     Re-running the same command resumes after an interruption. Exits with
-    status 1 if some shards failed (they are listed in manifest.json).
+    status 1 if some shards failed (they are listed in manifest.json), 130 after
+    Ctrl-C and 143 after SIGTERM.
     """
     from biqa.generator import generate, make_plan, summary_line
     from biqa.generator.preview import write_contact_sheet
     from biqa.generator.refs import ReferenceSkipped
+    options = dict(max_pixels=max_pixels, allow_upscale=allow_upscale,
+                   refs_outside_root=allow_refs_outside_root)
     try:
-        if preview:
-            plan = make_plan(refs, refs_root, distortions, levels, out, seed, per_shard,
-                             image_format, out_format, resize)
-            ref_id, ref_path = plan.refs.ids[0], plan.refs.paths[0]
-            failures = write_contact_sheet(preview, ref_path, ref_id, plan.settings.type_ids,
-                                           plan.settings.levels, seed, plan.settings.resize)
-            for failure in failures:
-                click.echo(f"biqa-gen: warning: {failure}", err=True)
-            click.echo(f"biqa-gen: contact sheet of {ref_id} written to {preview}")
-            return
-        manifest = generate(refs, refs_root, distortions, levels, out, seed, per_shard,
-                            image_format, out_format, resize, workers, backend, scheduler,
-                            overwrite, progress=not quiet)
+        with _SigtermAsInterrupt():
+            if preview:
+                plan = make_plan(refs, refs_root, distortions, levels, out, seed, per_shard,
+                                 image_format, out_format, resize, **options)
+                failures = write_contact_sheet(preview, plan)
+                for failure in failures:
+                    click.echo(f"biqa-gen: warning: {failure}", err=True)
+                click.echo(f"biqa-gen: contact sheet of {plan.refs.ids[0]} written to {preview}")
+                return
+            manifest = generate(refs, refs_root, distortions, levels, out, seed, per_shard,
+                                image_format, out_format, resize, workers, backend, scheduler,
+                                overwrite, progress=not quiet, **options)
     except (ValueError, ReferenceSkipped) as exc:
         raise click.UsageError(str(exc)) from None
-    except KeyboardInterrupt:
-        click.echo("\nbiqa-gen: interrupted; completed shards are kept, re-run the same "
+    except KeyboardInterrupt as exc:
+        what, code = ("terminated", 143) if isinstance(exc, _Terminated) else ("interrupted", 130)
+        click.echo(f"\nbiqa-gen: {what}; completed shards are kept, re-run the same "
                    "command to finish the rest", err=True)
-        raise SystemExit(130) from None
+        raise SystemExit(code) from None
     except OSError as exc:  # e.g. the output disk is full while writing the manifest
         click.echo(f"biqa-gen: cannot write the output: {exc}; completed shards are kept, "
                    "re-run the same command once the problem is fixed", err=True)
@@ -121,6 +136,31 @@ def gen(refs, refs_root, distortions, levels, out, seed, workers, backend, sched
                    f"{last_line}", err=True)
     if manifest["failed"]:
         raise SystemExit(1)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that it stops the workers the same way."""
+
+
+class _SigtermAsInterrupt:
+    """While the block runs (in the main thread), SIGTERM raises ``_Terminated``."""
+
+    def __enter__(self):
+        import signal
+        import threading
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise _Terminated()
+
+    def __exit__(self, *exc):
+        import signal
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def gen_main() -> None:

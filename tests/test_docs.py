@@ -18,6 +18,7 @@ from biqa.distortions import DistortionNotApplicable, get, registry
 from biqa.distortions._matlab import psnr
 from biqa.distortions.api import apply_spec
 from biqa.fidelity import SEEDS
+from biqa.generator import make_plan
 from biqa.generator.preview import (CAPTION_HEIGHT, HEADER_HEIGHT, LABEL_WIDTH,
                                     write_contact_sheet)
 from biqa.generator.refs import load_reference, resolve_refs
@@ -108,9 +109,10 @@ def test_gallery_script_writes_a_deterministic_sheet_and_page(gallery, tmp_path)
     assert gallery.main(["--distortions", "18,1", "--out-dir", str(tmp_path)]) == 0
     again = tmp_path / "again.png"
     refs = resolve_refs(None)
-    write_contact_sheet(str(again), refs.paths[refs.ids.index(gallery.GALLERY_REF)],
-                        gallery.GALLERY_REF, [1, 18], seed=0,
-                        thumb_width=gallery.GALLERY_CROP[2], crop=gallery.GALLERY_CROP)
+    plan = make_plan(refs=[refs.paths[refs.ids.index(gallery.GALLERY_REF)]],
+                     distortions="1,18", seed=0)
+    write_contact_sheet(str(again), plan, thumb_width=gallery.GALLERY_CROP[2],
+                        crop=gallery.GALLERY_CROP)
     assert again.read_bytes() == (tmp_path / "gallery.png").read_bytes()
     width, height = gallery.GALLERY_CROP[2:]
     with Image.open(again) as im:

@@ -3,6 +3,7 @@ workers=1, loky and a real Dask LocalCluster, resume, refusal, failure, kill -9 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -36,6 +37,17 @@ def _tars(out) -> dict[str, bytes]:
 
 def _without_run(manifest: dict) -> dict:
     return {k: v for k, v in manifest.items() if k != "run"}
+
+
+def _complete_shards(out) -> int:
+    """Shards whose stats say complete (a task records ``started`` before it writes)."""
+    count = 0
+    for path in Path(out).glob("stats/*.json"):
+        try:
+            count += json.loads(path.read_bytes())["status"] == "complete"
+        except (OSError, ValueError):
+            pass
+    return count
 
 
 @pytest.fixture(scope="module")
@@ -187,12 +199,12 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_bytes(tmp_path):
     proc = subprocess.Popen(GEN_CMD + job + ["--out", str(out)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not list((out / "stats").glob("*.json")) and time.monotonic() < deadline:
+    while not _complete_shards(out) and time.monotonic() < deadline:
         assert proc.poll() is None, "biqa-gen ended before it could be killed"
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = len(list((out / "stats").glob("*.json")))
+    done = _complete_shards(out)
     assert 1 <= done < len(clean)
     assert load_manifest(out)["status"] == "incomplete"
     for name, data in _tars(out).items():  # whatever carries a final name is complete
@@ -214,7 +226,7 @@ def test_ctrl_c_keeps_complete_shards_and_says_how_to_resume(tmp_path):
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
                                                                         signal.SIG_DFL))
     deadline = time.monotonic() + 120
-    while not list((tmp_path / "stats").glob("*.json")) and time.monotonic() < deadline:
+    while not _complete_shards(tmp_path) and time.monotonic() < deadline:
         assert proc.poll() is None, "biqa-gen ended before it could be interrupted"
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
@@ -288,21 +300,75 @@ def test_contact_sheet(tmp_path):
     assert not np.array_equal(cells[0], cells[4])
 
 
-def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise():
+def test_progress_counts_written_skipped_and_not_applicable_as_a_bar_or_log_lines():
+    """Running counts from workers move the bar; a finished shard's stats replace them;
+    shards found already done leave the count (and the rate) of this run's work."""
     import io
-    from biqa.generator.distribute import Progress
-    results = [{"shard": f"shard-00000{i}", "status": s, "planned": 10, "resumed": False}
-               for i, s in enumerate(["complete", "failed", "complete"])]
+    from biqa.generator.progress import Progress
+    results = [  # 10 planned each: 5 written + 5 of a skipped reference; failed; resumed;
+        # 5 written + 5 not applicable
+        {"shard": "shard-000000", "index": 0, "status": "complete", "planned": 10,
+         "samples": 5, "samples_skipped": 5, "resumed": False},
+        {"shard": "shard-000001", "index": 1, "status": "failed", "planned": 10,
+         "samples": 0, "resumed": False},
+        {"shard": "shard-000002", "index": 2, "status": "complete", "planned": 10,
+         "samples": 10, "samples_skipped": 0, "resumed": True},
+        {"shard": "shard-000003", "index": 3, "status": "complete", "planned": 10,
+         "samples": 5, "samples_skipped": 0, "resumed": False},
+    ]
     for tty in (True, False):
         stream = io.StringIO()
-        progress = Progress(30, 3, stream=stream, tty=tty)
+        progress = Progress(40, 4, stream=stream, tty=tty, log_every=0)
+        progress.advance(0, 11, 2, 0, 0)
+        progress.advance(3, 7, 5, 0, 0)
+        assert progress.processed == 7 and (tty or "7/40 samples processed" in stream.getvalue())
+        progress.advance(0, 12, 1, 0, 0)  # a retried attempt starts its counts afresh
+        assert progress.processed == 6
         for r in results:
             progress.update(r)
+        progress.advance(0, 12, 4, 0, 0)  # arrived after the shard's result: ignored
+        assert (progress.written, progress.skipped, progress.not_applicable,
+                progress.failed_samples) == (10, 5, 5, 10)
+        assert progress.processed == 30 and progress.to_do == 30
         progress.close()
         text = stream.getvalue()
         if tty:
-            assert "30/30" in text and "img/s" in text and "failed=1" in text
+            assert "30/30" in text and "img/s" in text
+            assert ("4/4 shards, 10 written, 5 skipped, 5 n/a, 1 shards already done, "
+                    "1 shards failed") in text
         else:
             lines = text.splitlines()
-            assert len(lines) == 3 and "shard-000001 failed" in lines[1]
-            assert "3/3 shards, 30/30 images" in lines[2] and "images/s, ETA" in lines[2]
+            assert len(lines) == 3 + 4  # three running updates, four finished shards
+            assert "shard-000001 failed" in lines[4] and "shard-000002 already done" in lines[5]
+            assert lines[-1].endswith(
+                "4/4 shards (1 already done, 1 failed), 30/30 samples processed (10 written, "
+                "5 skipped, 5 not applicable); " + lines[-1].split("); ")[-1])
+            assert "images/s, ETA" in lines[-1]
+
+
+def test_log_records_and_warnings_print_above_the_bar_not_inside_it():
+    """In a fresh process, as in biqa-gen: a logger with its own console handler, one with
+    none (logging's last resort), a warning and biqa's own message, while a bar shows."""
+    code = """if True:
+        import logging, sys, warnings
+        from biqa.generator.progress import Progress
+        logging.getLogger("distributed").addHandler(logging.StreamHandler(sys.stderr))
+        progress = Progress(10, 1, stream=sys.stderr, tty=True)
+        with progress.redirect_logging():
+            progress.advance(0, 1, 5, 0, 0)
+            logging.getLogger("distributed.worker").warning("a log record")
+            logging.getLogger("elsewhere").warning("no handler at all")
+            warnings.warn("a warning", UserWarning)
+            progress.write("a message")
+            progress.advance(0, 1, 7, 0, 0)
+        progress.close()
+        logging.getLogger("distributed").warning("after the bar")
+    """
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stderr
+    lines = err.replace("\r", "\n").splitlines()
+    for text in ("a log record", "no handler at all", "UserWarning: a warning",
+                 "biqa-gen: a message", "after the bar"):
+        [line] = [ln for ln in lines if text in ln]
+        assert "img" not in line  # on a line of its own, not glued to the bar
+    assert "7/10" in err

@@ -215,7 +215,8 @@ def test_partial_checkpoints_of_a_killed_run_are_removed_and_nothing_else(shards
     out.mkdir()
     own = Path(temp_name(str(out / "last.pt")))
     own.write_bytes(b"torn")
-    foreign = [out / "big.iso.partial", out / "last.pt.partial", out / "last.pt.1-x.partial"]
+    foreign = [out / "big.iso.partial", out / "last.pt.partial", out / "last.pt.1-x.partial",
+               out / "last.pt.123-deadbeef.partial"]  # no biqa-tmp mark: not ours
     for path in foreign:
         path.write_bytes(b"not biqa's")
     train(TrainConfig(shards=str(shards["val"]), out=str(out), arch="tiny", max_steps=1,

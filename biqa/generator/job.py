@@ -6,16 +6,19 @@ refuse) -> run the tasks -> write the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
 
 from biqa.distortions import resolve_distortions
 
-from .distribute import Progress, check_backend, default_workers, run_plan
-from .manifest import build_manifest, prepare_out_dir, write_manifest, job_config
+from .distribute import effective_workers, run_plan
+from .manifest import build_manifest, write_manifest
+from .outdir import prepare_out_dir
 from .plan import DEFAULT_IMAGE_FORMAT, DEFAULT_PER_SHARD, JobSettings, Plan
-from .refs import resolve_refs
+from .progress import Progress, progress_channel
+from .refs import DEFAULT_MAX_PIXELS, resolve_refs
 
 
 def parse_levels(text: str) -> tuple[int, ...]:
@@ -44,7 +47,8 @@ def parse_size(text: str, min_side: int = 1) -> tuple[int, int]:
 
 def make_plan(refs=None, refs_root=None, distortions="all", levels="1-5", out="shards",
               seed=0, per_shard=DEFAULT_PER_SHARD, image_format=None, out_format="webdataset",
-              resize=None) -> Plan:
+              resize=None, *, max_pixels=DEFAULT_MAX_PIXELS, allow_upscale=False,
+              refs_outside_root=False) -> Plan:
     """Resolve the inputs and plan the job, without touching the output folder.
 
     ``image_format=None`` means WebP in shards and PNG for ``out_format="folder"``,
@@ -58,31 +62,44 @@ def make_plan(refs=None, refs_root=None, distortions="all", levels="1-5", out="s
         levels=parse_levels(levels) if isinstance(levels, str) else tuple(levels),
         seed=seed, per_shard=per_shard, image_format=image_format, out_format=out_format,
         resize=parse_size(resize) if isinstance(resize, str) else resize,
-        min_size=max(s.min_size for s in specs))
-    return Plan(resolve_refs(refs, refs_root), settings)
+        min_size=max(s.min_size for s in specs), max_pixels=max_pixels,
+        allow_upscale=allow_upscale, refs_outside_root=refs_outside_root)
+    return Plan(resolve_refs(refs, refs_root, refs_outside_root), settings)
 
 
 def generate(refs=None, refs_root=None, distortions="all", levels="1-5", out="shards",
              seed=0, per_shard=DEFAULT_PER_SHARD, image_format=None, out_format="webdataset",
              resize=None, workers=None, backend="loky", scheduler=None, overwrite=False,
-             progress=True) -> dict:
+             progress=True, *, max_pixels=DEFAULT_MAX_PIXELS, allow_upscale=False,
+             refs_outside_root=False, say=None) -> dict:
     """Generate (or finish) a distorted-image dataset in ``out``; returns the manifest.
 
     Re-running with equal arguments resumes; different arguments against the
-    same ``out`` raise ValueError unless ``overwrite``.  Check
-    ``manifest["failed"]``: failed shards are recorded, not raised.
+    same ``out`` raise ValueError unless ``overwrite``, which deletes only what
+    the previous job recorded (see ``outdir``).  Check ``manifest["failed"]``:
+    failed shards are recorded, not raised.  ``say`` receives warnings (default:
+    printed to stderr, above the progress bar).
     """
     plan = make_plan(refs, refs_root, distortions, levels, out, seed, per_shard,
-                     image_format, out_format, resize)
-    workers = workers or default_workers()
-    check_backend(workers, backend, scheduler)
-    out_dir = plan.settings.out_dir
-    prepare_out_dir(out_dir, job_config(plan), overwrite)
-    write_manifest(out_dir, build_manifest(plan, [], "incomplete", run={}))
-    start = time.perf_counter()
+                     image_format, out_format, resize, max_pixels=max_pixels,
+                     allow_upscale=allow_upscale, refs_outside_root=refs_outside_root)
     bar = Progress(plan.n_samples, plan.n_shards, enabled=progress)
+    say = say or bar.write
     try:
-        results = run_plan(plan, workers, backend, scheduler, on_result=bar.update)
+        workers = effective_workers(workers, backend, scheduler, plan.n_shards, say)
+        out_dir = plan.settings.out_dir
+        prepare_out_dir(plan, overwrite, say)
+        write_manifest(out_dir, build_manifest(plan, [], "incomplete", run={}))
+        start = time.perf_counter()
+        if not progress:
+            channel = contextlib.nullcontext(None)
+        elif backend == "loky" and workers == 1:  # in-process: the bar is the reporter
+            channel = contextlib.nullcontext(bar.advance)
+        else:
+            channel = progress_channel(bar.advance)
+        with channel as report, bar.redirect_logging():
+            results = run_plan(plan, workers, backend, scheduler, on_result=bar.update,
+                               report=report)
     finally:
         bar.close()
     seconds = time.perf_counter() - start
@@ -90,7 +107,11 @@ def generate(refs=None, refs_root=None, distortions="all", levels="1-5", out="sh
     new_samples = sum(r["samples"] for r in fresh)
     run = {"workers": workers, "backend": backend, "seconds": round(seconds, 3),
            "shards_resumed": sum(r["resumed"] for r in results),
-           "images_per_second": round(new_samples / seconds, 2) if seconds > 0 else None}
+           "samples_new": new_samples,
+           "images_per_second": round(new_samples / seconds, 2) if new_samples else None,
+           "regenerated": [{"shard": r["shard"], "reason": r["regenerated"]}
+                           for r in sorted(results, key=lambda r: r["index"])
+                           if r.get("regenerated")]}
     status = "failed" if any(r["status"] == "failed" for r in results) else "complete"
     manifest = build_manifest(plan, results, status, run)
     write_manifest(out_dir, manifest)
@@ -99,7 +120,12 @@ def generate(refs=None, refs_root=None, distortions="all", levels="1-5", out="sh
 
 def summary_line(manifest: dict) -> str:
     t, run = manifest["totals"], manifest["run"]
+    new = (f"{run['samples_new']} new images in {run['seconds']:.1f} s "
+           f"({run['images_per_second']} images/s)" if run["samples_new"]
+           else f"no new images ({run['seconds']:.1f} s)")
+    regenerated = (f", {len(run['regenerated'])} shards redone (manifest: run.regenerated)"
+                   if run["regenerated"] else "")
     return (f"biqa-gen: {manifest['status']}: {t['samples']} images in {t['shards']} shards "
-            f"({run['shards_resumed']} already done), {t['references_skipped']} references "
-            f"skipped, {t['not_applicable']} not applicable, {t['shards_failed']} shards "
-            f"failed; {run['seconds']:.1f} s, {run['images_per_second']} images/s")
+            f"({run['shards_resumed']} already done{regenerated}); {new}; "
+            f"{t['references_skipped']} references skipped ({t['samples_skipped']} samples), "
+            f"{t['not_applicable']} samples not applicable, {t['shards_failed']} shards failed")

@@ -8,13 +8,12 @@ equal jobs have equal manifests however they were run.
 
 from __future__ import annotations
 
-import glob
+import hashlib
 import json
 import os
-import shutil
 
 from biqa.distortions import get
-from biqa.shards.writer import PARTIAL_SUFFIX, atomic_write_bytes
+from biqa.shards.writer import atomic_write_bytes
 
 from .plan import Plan
 
@@ -39,69 +38,47 @@ def job_config(plan: Plan) -> dict:
             "references": {"count": len(plan.refs), "sha256": plan.refs.digest()}}
 
 
+class UnreadableManifest(ValueError):
+    """``manifest.json`` exists but is not a biqa-gen manifest; the message names the file."""
+
+
 def load_existing(out_dir: str) -> dict | None:
+    """The manifest in ``out_dir`` (a dict with a ``config``), None if there is none;
+    UnreadableManifest, naming the file and the problem, for anything else."""
+    path = manifest_path(out_dir)
     try:
-        with open(manifest_path(out_dir), encoding="utf-8") as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        raise UnreadableManifest(f"{path} is a folder, not a biqa-gen manifest") from None
+    except OSError as exc:
+        raise UnreadableManifest(f"{path} cannot be read ({exc.strerror})") from None
+    try:
+        manifest = json.loads(data)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise UnreadableManifest(f"{path} is not a biqa-gen manifest: not JSON ({exc})") \
+            from None
+    if not isinstance(manifest, dict):
+        raise UnreadableManifest(f"{path} is not a biqa-gen manifest: it holds a JSON "
+                                 f"{type(manifest).__name__}, not an object")
+    if not isinstance(manifest.get("config"), dict):
+        raise UnreadableManifest(f"{path} is not a biqa-gen manifest: it has no 'config'")
+    return manifest
 
 
-def _previous_outputs(out_dir: str) -> list[str]:
-    """Files a previous biqa-gen run left in ``out_dir`` (shards, loose images, stats)."""
-    found = glob.glob(os.path.join(out_dir, "shard-*.tar"))
-    for stats_file in glob.glob(os.path.join(out_dir, "stats", "*.json")):
-        try:
-            with open(stats_file, encoding="utf-8") as f:
-                found += [os.path.join(out_dir, e["name"]) for e in json.load(f).get("files", [])]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return sorted(set(found))
-
-
-def _config_difference(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
-def prepare_out_dir(out_dir: str, config: dict, overwrite: bool) -> None:
-    """Make ``out_dir`` ready for this job: resume an equal job, refuse a different one
-    (unless ``overwrite``, which deletes the previous run's outputs first)."""
-    existing = load_existing(out_dir)
-    leftovers = _previous_outputs(out_dir) if os.path.isdir(out_dir) else []
-    if existing is not None or leftovers:
-        old_config = (existing or {}).get("config")
-        if old_config != config and not overwrite:
-            why = ("; ".join(_config_difference(old_config, config)) if old_config
-                   else "it holds shards without a readable manifest.json")
-            raise ValueError(f"{out_dir} holds the output of a different biqa-gen job ({why}). "
-                             "Use another --out, or --overwrite to delete it and start again.")
-        if old_config != config:
-            remove_previous_run(out_dir)
-    os.makedirs(os.path.join(out_dir, "stats"), exist_ok=True)
-    remove_partials(out_dir)
-
-
-def remove_previous_run(out_dir: str) -> None:
-    for path in _previous_outputs(out_dir):
-        os.unlink(path)
-    shutil.rmtree(os.path.join(out_dir, "stats"), ignore_errors=True)
-    if os.path.exists(manifest_path(out_dir)):
-        os.unlink(manifest_path(out_dir))
-
-
-def remove_partials(out_dir: str) -> None:
-    """Delete temp files of killed runs (they never carry a final name)."""
-    for pattern in (f"*{PARTIAL_SUFFIX}", f"stats/*{PARTIAL_SUFFIX}"):
-        for path in glob.glob(os.path.join(out_dir, pattern)):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+def references_digest(digests: dict) -> str:
+    """sha256 over a shard's (reference id, content sha256) pairs: equal only for equal inputs."""
+    h = hashlib.sha256()
+    for ref_id in sorted(digests):
+        h.update(f"{ref_id}\t{digests[ref_id]}\n".encode())
+    return h.hexdigest()
 
 
 def _shard_entry(stats: dict, out_format: str) -> dict:
-    entry = {"name": stats["shard"], "samples": stats["samples"], "planned": stats["planned"]}
+    entry = {"name": stats["shard"], "samples": stats["samples"], "planned": stats["planned"],
+             "references_sha256": references_digest(stats["references"])}
     if out_format == "webdataset":
         tar = stats["files"][0]
         entry.update(name=tar["name"], size=tar["size"], sha256=tar["sha256"])
@@ -132,6 +109,7 @@ def build_manifest(plan: Plan, results: list[dict], status: str, run: dict) -> d
             "references_skipped": len(skipped),
             "samples_planned": plan.n_samples,
             "samples": sum(r["samples"] for r in complete),
+            "samples_skipped": sum(r["samples_skipped"] for r in complete),
             "not_applicable": sum(n["samples"] for n in not_applicable),
             "shards_planned": plan.n_shards,
             "shards": len(complete),

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from biqa.shards.writer import MEMBER_EXTENSIONS
 
-from .refs import RefTable
+from .refs import DEFAULT_MAX_PIXELS, RefTable
 
 OUT_FORMATS = ("webdataset", "folder")
 IMAGE_FORMATS = tuple(MEMBER_EXTENSIONS)
@@ -25,6 +25,7 @@ DEFAULT_IMAGE_FORMAT = "webp"
 # 200 samples of 512x384 are ~55 MB of WebP: big enough for streaming, small enough
 # that even the default 7-reference job splits into 7 parallel tasks.
 DEFAULT_PER_SHARD = 200
+MAX_RESIZE_SIDE = 16384  # WebP's limit; PNG readers commonly refuse more too
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class JobSettings:
     out_format: str = "webdataset"
     resize: tuple[int, int] | None = None
     min_size: int = 1  # the largest min_size of the selected types
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger references are skipped; 0: no limit
+    allow_upscale: bool = False  # let --resize enlarge references below min_size
+    refs_outside_root: bool = False  # read list entries that resolve outside their root
 
     def __post_init__(self):
         if not self.type_ids:
@@ -59,10 +63,20 @@ class JobSettings:
                              f"{self.image_format!r}")
         if self.out_format not in OUT_FORMATS:
             raise ValueError(f"format must be one of {OUT_FORMATS}, got {self.out_format!r}")
-        if self.resize is not None and min(self.resize) < self.min_size:
+        if self.max_pixels < 0:
+            raise ValueError(f"--max-pixels must be 0 (no limit) or positive, got "
+                             f"{self.max_pixels}")
+        if self.resize is not None:
             w, h = self.resize
-            raise ValueError(f"--resize {w}x{h} is smaller than the selected distortions "
-                             f"need ({self.min_size}x{self.min_size})")
+            if min(self.resize) < self.min_size:
+                raise ValueError(f"--resize {w}x{h} is smaller than the selected distortions "
+                                 f"need ({self.min_size}x{self.min_size})")
+            if max(self.resize) > MAX_RESIZE_SIDE:
+                raise ValueError(f"--resize {w}x{h}: each side must be at most "
+                                 f"{MAX_RESIZE_SIDE} px")
+            if self.max_pixels and w * h > self.max_pixels:
+                raise ValueError(f"--resize {w}x{h} is {w * h} pixels, more than --max-pixels "
+                                 f"{self.max_pixels}")
 
     @property
     def sample_type_ids(self) -> tuple[int, ...]:
@@ -104,6 +118,7 @@ class ShardTask:
     ref_ids: tuple[str, ...]
     ref_paths: tuple[str, ...]
     ref_rel: tuple[str, ...]
+    ref_roots: tuple[str | None, ...]  # where each must resolve inside (None: anywhere)
     settings: JobSettings
 
     @property
@@ -148,7 +163,7 @@ class Plan:
         return ShardTask(index=index, name=self.shard_name(index), first_group=first,
                          stop_group=stop, ref_offset=r0, ref_ids=self.refs.ids[r0:r1],
                          ref_paths=self.refs.paths[r0:r1], ref_rel=self.refs.rel[r0:r1],
-                         settings=self.settings)
+                         ref_roots=self.refs.roots[r0:r1], settings=self.settings)
 
     def tasks(self) -> Iterator[ShardTask]:
         """All tasks, lazily: a distributor pulls them as workers free up."""

@@ -17,6 +17,7 @@ from biqa.distortions._matlab import psnr
 from biqa.distortions.api import apply_spec
 from biqa.shards.writer import atomic_write_bytes
 
+from .plan import Plan
 from .refs import load_reference
 from .seeding import sample_rng
 
@@ -98,15 +99,15 @@ def render_contact_sheet(img: np.ndarray, ref_id: str, type_ids, levels=(1, 2, 3
     return sheet, failures
 
 
-def write_contact_sheet(out_png: str, ref_path: str, ref_id: str, type_ids, levels=(1, 2, 3, 4, 5),
-                        seed: int = 0, resize: tuple[int, int] | None = None,
-                        thumb_width: int = 192,
+def write_contact_sheet(out_png: str, plan: Plan, thumb_width: int = 192,
                         crop: tuple[int, int, int, int] | None = None) -> list[str]:
-    """Render the sheet for one reference file into ``out_png``; returns failed cells."""
-    min_size = max(get(t).min_size for t in type_ids)
-    img = load_reference(ref_path, resize, min_size)
-    sheet, failures = render_contact_sheet(img, ref_id, type_ids, levels, seed, thumb_width,
-                                           crop)
+    """Render the sheet for the plan's first reference into ``out_png``; returns failed
+    cells.  The reference is loaded as the job would load it (same size checks)."""
+    s = plan.settings
+    img = load_reference(plan.refs.paths[0], s.resize, s.min_size, s.max_pixels,
+                         s.allow_upscale, plan.refs.roots[0])
+    sheet, failures = render_contact_sheet(img, plan.refs.ids[0], s.type_ids, s.levels, s.seed,
+                                           thumb_width, crop)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     atomic_write_bytes(out_png, buf.getvalue())

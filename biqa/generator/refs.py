@@ -3,12 +3,15 @@
 Resolution only lists names (no decoding, no ``stat`` of list entries), so a
 700 000-line list is planned in seconds; every file is opened and validated
 later, inside the worker that distorts it, and a bad one is skipped with a
-reason instead of failing the job.
+reason instead of failing the job.  List entries must stay inside their root
+folder: lexically at planning (``..``, absolute names), through symlinks in the
+worker (``realpath`` needs a ``stat`` per file, which planning avoids).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import hashlib
 import os
@@ -24,11 +27,14 @@ import numpy as np
 from PIL import Image
 
 from biqa.distortions.api import as_rgb_uint8
+from biqa.shards.writer import file_digest
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp",
                               ".gif", ".ppm", ".pgm", ".pnm", ".jp2", ".j2k"})
 LIST_EXTENSIONS = frozenset({".csv", ".txt"})
 MAX_ID_LENGTH = 64  # keeps tar member names inside ustar's 100 characters
+# An 88-MP reference takes ~4.5 GB to distort one sample; 50 MP stays near 2.5 GB.
+DEFAULT_MAX_PIXELS = 50_000_000
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _GLOB_MAGIC = re.compile(r"[*?[]")
 
@@ -39,7 +45,8 @@ class ReferenceSkipped(Exception):
 
 @dataclass(frozen=True)
 class RefTable:
-    """References sorted by id: ``ids[i]`` names the file ``paths[i]`` (``rel[i]`` as listed).
+    """References sorted by id: ``ids[i]`` names the file ``paths[i]`` (``rel[i]`` as listed),
+    which must resolve inside ``roots[i]`` (None: anywhere, for files named directly).
 
     Ids are what sample keys and seeds are built from, so they depend only on
     the file names as listed, never on list positions or the machine.
@@ -48,6 +55,7 @@ class RefTable:
     ids: tuple[str, ...]
     paths: tuple[str, ...]
     rel: tuple[str, ...]
+    roots: tuple[str | None, ...]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -120,49 +128,71 @@ def _glob_root(pattern: str) -> Path:
     return Path(*parts[:first_magic]) if first_magic else Path(".")
 
 
-def _entries(source: str, refs_root: str | None) -> list[tuple[str, str]]:
-    """(listed name, path) pairs of one ``--refs`` value."""
+def _entries(source: str, refs_root: str | None,
+             outside_root: bool) -> list[tuple[str, str, str | None]]:
+    """(listed name, path, root it must stay in) of each file of one ``--refs`` value."""
     path = Path(source)
     if path.is_dir():
-        return [(rel, str(path / rel)) for rel in _list_folder(path)]
+        return [(rel, str(path / rel), None) for rel in _list_folder(path)]
     if path.suffix.lower() in LIST_EXTENSIONS and path.is_file():
-        root = refs_root or str(path.parent)
-        return [(n.replace("\\", "/"), os.path.join(root, n)) for n in _read_list(path)]
+        root = os.path.abspath(refs_root or str(path.parent))
+        entries = [(n.replace("\\", "/"), os.path.join(root, n), root) for n in _read_list(path)]
+        if outside_root:
+            return [(rel, p, None) for rel, p, _ in entries]
+        _refuse_escapes(source, refs_root, root, entries)
+        return entries
     if _GLOB_MAGIC.search(source):
         root = _glob_root(source)
-        return [(Path(p).relative_to(root).as_posix(), p)
+        return [(Path(p).relative_to(root).as_posix(), p, None)
                 for p in glob.glob(source, recursive=True) if Path(p).is_file()]
     if path.is_file():
-        return [(path.name, str(path))]
+        return [(path.name, str(path), None)]
     raise ValueError(f"--refs {source!r}: no such folder, list file (.csv/.txt), glob match "
                      "or image file")
 
 
+def _refuse_escapes(source: str, refs_root: str | None, root: str,
+                    entries: list[tuple[str, str, str | None]]) -> None:
+    """ValueError naming the list entries that lead outside ``root`` (absolute names, ``..``)."""
+    escaping = [rel for rel, p, _ in entries
+                if os.path.commonpath([root, os.path.normpath(p)]) != root]
+    if escaping:
+        where = f"--refs-root {refs_root}" if refs_root else f"the list's folder {root}"
+        shown = ", ".join(repr(e) for e in escaping[:5])
+        more = f" and {len(escaping) - 5} more" if len(escaping) > 5 else ""
+        raise ValueError(f"--refs {source}: {len(escaping)} entries lead outside {where}: "
+                         f"{shown}{more}. Fix the list, or pass --allow-refs-outside-root "
+                         "to read them anyway.")
+
+
 def resolve_refs(sources: list[str] | tuple[str, ...] | None,
-                 refs_root: str | None = None) -> RefTable:
+                 refs_root: str | None = None, outside_root: bool = False) -> RefTable:
     """Resolve ``--refs`` values (default: the bundled sample images) into a RefTable.
 
     The table is sorted by ``id + "_"`` so that samples written in table order
-    are also in byte order of their keys ``<id>_<TT>_<LL>``.
+    are also in byte order of their keys ``<id>_<TT>_<LL>``.  List entries that
+    lead outside their root are refused (ValueError naming them) unless
+    ``outside_root``.
     """
     if not sources:
         from biqa.data import SAMPLE_REFS_DIR
         sources = [str(SAMPLE_REFS_DIR)]
-    entries: list[tuple[str, str]] = []
+    entries: list[tuple[str, str, str | None]] = []
     seen_paths: set[str] = set()
     for source in sources:
-        for rel, path in _entries(source, refs_root):
+        for rel, path, root in _entries(source, refs_root, outside_root):
             absolute = os.path.abspath(path)
             if absolute not in seen_paths:
                 seen_paths.add(absolute)
-                entries.append((rel, absolute))
+                entries.append((rel, absolute, root))
     if not entries:
         raise ValueError(f"--refs {' '.join(sources)}: no image files found")
-    ids = assign_ids([rel for rel, _ in entries])
+    ids = assign_ids([rel for rel, _, _ in entries])
     order = sorted(range(len(ids)), key=lambda i: ids[i] + "_")
     return RefTable(ids=tuple(ids[i] for i in order),
                     paths=tuple(entries[i][1] for i in order),
-                    rel=tuple(entries[i][0] for i in order))
+                    rel=tuple(entries[i][0] for i in order),
+                    roots=tuple(entries[i][2] for i in order))
 
 
 # ------------------------------------------------------------------ loading one reference
@@ -228,26 +258,73 @@ def to_rgb8(raw: np.ndarray) -> np.ndarray:
     return as_rgb_uint8(raw)
 
 
+def cover_size(iw: int, ih: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The size an iw×ih image is scaled to so that it covers W×H with its aspect ratio kept."""
+    w, h = size
+    scale = max(w / iw, h / ih)
+    return max(w, round(iw * scale)), max(h, round(ih * scale))
+
+
 def resize_cover(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Scale to cover W×H keeping the aspect ratio, then centre-crop (no geometric distortion)."""
     w, h = size
-    ih, iw = img.shape[:2]
-    scale = max(w / iw, h / ih)
-    sw, sh = max(w, round(iw * scale)), max(h, round(ih * scale))
+    sw, sh = cover_size(img.shape[1], img.shape[0], size)
     pil = Image.fromarray(img).resize((sw, sh), Image.Resampling.LANCZOS)
     left, top = (sw - w) // 2, (sh - h) // 2
     return np.asarray(pil.crop((left, top, left + w, top + h)))
 
 
-def load_reference(path: str, resize: tuple[int, int] | None = None,
-                   min_size: int = 1) -> np.ndarray:
-    """Decode one reference to upright uint8 H*W*3 RGB, or raise ReferenceSkipped(reason)."""
+@functools.lru_cache(maxsize=64)
+def _real_root(root: str) -> str:
+    return os.path.realpath(root)
+
+
+def resolves_outside(path: str, root: str) -> bool:
+    """Whether ``path`` leads outside the folder ``root`` once ``..`` and symlinks are resolved."""
+    real_root = _real_root(root)
+    return os.path.commonpath([real_root, os.path.realpath(path)]) != real_root
+
+
+def reference_digest(path: str) -> str | None:
+    """sha256 of the file's bytes (what resume compares), or None if it cannot be read."""
+    try:
+        return file_digest(path)[1]
+    except OSError:
+        return None
+
+
+def _check_size(w: int, h: int, resize, min_size: int, max_pixels: int,
+                allow_upscale: bool) -> None:
+    """Refuse, from the header alone, what is too big to decode or too small to use."""
+    if max_pixels and w * h > max_pixels:
+        raise ReferenceSkipped(f"too large: {w}x{h} px = {w * h / 1e6:.1f} MP, more than "
+                               f"--max-pixels {max_pixels}")
+    if min(w, h) < min_size and not (resize and allow_upscale):
+        hint = "; --resize upscales it only with --allow-upscale" if resize else ""
+        raise ReferenceSkipped(f"too small: {w}x{h} px, the selected distortions need at "
+                               f"least {min_size}x{min_size}{hint}")
+
+
+def load_reference(path: str, resize: tuple[int, int] | None = None, min_size: int = 1,
+                   max_pixels: int = DEFAULT_MAX_PIXELS, allow_upscale: bool = False,
+                   root: str | None = None) -> np.ndarray:
+    """Decode one reference to upright uint8 H*W*3 RGB, or raise ReferenceSkipped(reason).
+
+    Sizes are checked from the header, before any pixel is decoded: more than
+    ``max_pixels`` (0: no limit; Pillow's decompression-bomb limit still applies)
+    or a side below ``min_size`` -- unless ``resize`` and ``allow_upscale`` --
+    is skipped.  With ``root``, a file that resolves outside it is skipped.
+    """
+    if root is not None and resolves_outside(path, root):
+        raise ReferenceSkipped(f"resolves outside {root} through a symlink "
+                               "(--allow-refs-outside-root reads it)")
     try:
         if os.path.getsize(path) == 0:
             raise ReferenceSkipped("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                _check_size(*im.size, resize, min_size, max_pixels, allow_upscale)
                 high_depth = _is_16_bit(im)  # before getexif(), which may load the pixels
                 orientation = im.getexif().get(0x0112, 1)
                 raw = _decode_16_bit(path, im) if high_depth else _decode_8_bit(im)
@@ -262,10 +339,11 @@ def load_reference(path: str, resize: tuple[int, int] | None = None,
     except Exception as exc:  # truncated or corrupt data: any decoder error means "skip it"
         raise ReferenceSkipped(f"cannot decode: {type(exc).__name__}: {exc}") from None
     img = to_rgb8(_ORIENT.get(orientation, lambda a: a)(raw))
-    if resize is not None:
-        img = resize_cover(img, resize)
-    h, w = img.shape[:2]
-    if min(h, w) < min_size:
-        raise ReferenceSkipped(f"too small: {w}x{h} px, the selected distortions need at "
-                               f"least {min_size}x{min_size}")
-    return img
+    if resize is None:
+        return img
+    sw, sh = cover_size(img.shape[1], img.shape[0], resize)
+    if max_pixels and sw * sh > max_pixels:  # an extreme aspect ratio
+        raise ReferenceSkipped(f"--resize {resize[0]}x{resize[1]} would first scale this "
+                               f"{img.shape[1]}x{img.shape[0]} px image to {sw}x{sh} px, more "
+                               f"than --max-pixels {max_pixels}")
+    return resize_cover(img, resize)

@@ -4,6 +4,13 @@
 ``stats/<shard>.json`` as the success marker for resume, or a failure record
 after a bounded number of attempts (joblib's dask backend does not retry
 exceptions, and a lost shard must not cost the other shards).
+
+Before writing anything a task records in ``stats/<shard>.json`` every file it
+may write (``status: "started"``), so that even a killed task's files are known
+to ``--overwrite``.  The stats of a complete shard hold the sha256 of each of
+its references: a shard is resumed only if its references still have those
+bytes and its outputs their recorded hashes.  The worker reads each reference
+anyway, so hashing it costs little next to distorting it.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from biqa.distortions.api import apply_spec
 from biqa.shards.writer import (MEMBER_EXTENSIONS, ShardWriter, atomic_write_bytes,
                                 encode_image, file_digest)
 
+from .outdir import record_names, recorded_output, remove_recorded
 from .plan import ShardTask
-from .refs import ReferenceSkipped, load_reference
+from .progress import Report, TaskProgress
+from .refs import ReferenceSkipped, load_reference, reference_digest, resolves_outside
 from .seeding import sample_seed
 
 DEFAULT_ATTEMPTS = 3
@@ -69,33 +78,80 @@ def _dumps(obj) -> bytes:
 def read_stats(out_dir: str, name: str) -> dict | None:
     try:
         with open(stats_path(out_dir, name), "rb") as f:
-            return json.loads(f.read())
+            stats = json.loads(f.read())
     except (OSError, ValueError):  # missing, unreadable or half-garbage: not done
         return None
+    return stats if isinstance(stats, dict) else None
 
 
-def _outputs_intact(task: ShardTask, stats: dict) -> bool:
-    """A shard counts as done only if every file it wrote still has its recorded size and hash."""
+def planned_names(task: ShardTask) -> list[str]:
+    """Every file the task may write in ``--out``: its tar, or one image per planned sample."""
+    s = task.settings
+    if s.out_format == "webdataset":
+        return [f"{task.name}.tar"]
+    return [f"{sample_key(task.ref_ids[ref], type_id, level)}.{s.image_format}"
+            for ref, type_id in task.groups() for level in s.levels]
+
+
+def reference_digests(task: ShardTask) -> dict[str, str | None]:
+    """sha256 of each reference's bytes; None where it cannot be read or leads outside
+    its root (such a reference is skipped unread)."""
+    return {ref_id: None if root is not None and resolves_outside(path, root)
+            else reference_digest(path)
+            for ref_id, path, root in zip(task.ref_ids, task.ref_paths, task.ref_roots)}
+
+
+def _damaged_output(task: ShardTask, stats: dict) -> str | None:
+    """The first recorded output that is not this task's or lacks its recorded size and
+    hash (None: all intact).  Records are claims: a name this task would not write
+    counts as damage, so a crafted record cannot make the manifest list another file."""
     out_dir = task.settings.out_dir
-    files = stats.get("files") or []
-    if task.settings.out_format == "webdataset" and not files:
-        return False
+    files = stats.get("files")
+    if not isinstance(files, list) or (task.settings.out_format == "webdataset" and not files):
+        return "no files recorded"
+    own = set(planned_names(task))
     for entry in files:
-        path = os.path.join(out_dir, entry["name"])
+        name = entry.get("name") if isinstance(entry, dict) else None
+        path = recorded_output(out_dir, name) if name in own else None
         try:
-            if os.path.getsize(path) != entry["size"] or file_digest(path)[1] != entry["sha256"]:
-                return False
-        except FileNotFoundError:
-            return False
-    return True
-
-
-def completed_stats(task: ShardTask) -> dict | None:
-    """The stats of a previous complete run of this task, if its outputs are intact."""
-    stats = read_stats(task.settings.out_dir, task.name)
-    if stats and stats.get("status") == "complete" and _outputs_intact(task, stats):
-        return stats
+            if path is None or os.path.getsize(path) != entry.get("size") or \
+                    file_digest(path)[1] != entry.get("sha256"):
+                return str(name)
+        except OSError:
+            return str(name)
     return None
+
+
+def _well_formed(task: ShardTask, stats: dict) -> bool:
+    """Whether a complete record holds what the manifest is built from, for this very task,
+    and its counts add up."""
+    skipped, na = stats.get("skipped"), stats.get("not_applicable")
+    if not (stats.get("shard") == task.name and stats.get("index") == task.index
+            and isinstance(skipped, list) and isinstance(na, list)
+            and all(isinstance(e, dict) and isinstance(e.get("ref"), str) for e in skipped)
+            and all(isinstance(e, dict) and type(e.get("samples")) is int for e in na)):
+        return False
+    counts = [stats.get(k) for k in ("samples", "samples_skipped")] + [e["samples"] for e in na]
+    return all(type(c) is int and c >= 0 for c in counts) \
+        and stats.get("planned") == task.planned_samples == sum(counts)
+
+
+def resume_check(task: ShardTask, stats: dict | None,
+                 digests: dict[str, str | None]) -> tuple[bool, str | None]:
+    """(whether the shard is done, why a shard recorded complete must be redone)."""
+    if not stats or stats.get("status") != "complete":
+        return False, None  # never finished: nothing to explain
+    recorded = stats.get("references")
+    if not isinstance(recorded, dict) or not _well_formed(task, stats):
+        return False, "its stats are from an older biqa-gen or malformed"
+    changed = [r for r in digests if recorded.get(r, "") != digests[r]]
+    if changed:
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        return False, f"references changed: {', '.join(changed[:5])}{more}"
+    damaged = _damaged_output(task, stats)
+    if damaged is not None:
+        return False, f"output damaged or missing: {damaged}"
+    return True, None
 
 
 def _distort_one(img: np.ndarray, ref_id: str, type_id: int, level: int, task: ShardTask):
@@ -115,24 +171,32 @@ def _distort_one(img: np.ndarray, ref_id: str, type_id: int, level: int, task: S
     return encode_image(out, s.image_format), meta
 
 
-def _generate(task: ShardTask) -> dict:
+def _generate(task: ShardTask, digests: dict[str, str | None], progress: TaskProgress) -> dict:
     """Produce the shard's outputs under their final names; returns its stats."""
     s = task.settings
     wds = s.out_format == "webdataset"
+    previous = set(record_names(read_stats(s.out_dir, task.name)))
+    planned = planned_names(task)
+    atomic_write_bytes(stats_path(s.out_dir, task.name), _dumps({
+        "shard": task.name, "index": task.index, "status": "started",
+        "files": [{"name": n} for n in planned]}))
     writer = ShardWriter(shard_tar_path(s.out_dir, task.name)) if wds else None
     skipped, not_applicable, files = [], [], []
-    samples = 0
+    samples = samples_skipped = samples_na = 0
     loaded_ref, img = -1, None
     try:
         for ref, type_id in task.groups():
             if ref != loaded_ref:
                 loaded_ref, img = ref, None
                 try:
-                    img = load_reference(task.ref_paths[ref], s.resize, s.min_size)
+                    img = load_reference(task.ref_paths[ref], s.resize, s.min_size,
+                                         s.max_pixels, s.allow_upscale, task.ref_roots[ref])
                 except ReferenceSkipped as exc:
                     skipped.append({"ref": task.ref_ids[ref], "path": task.ref_rel[ref],
                                     "reason": str(exc)})
             if img is None:
+                samples_skipped += len(s.levels)
+                progress(samples, samples_skipped, samples_na)
                 continue
             ref_id = task.ref_ids[ref]
             try:  # all levels of a (ref, type) or none, as the original keeps CA images
@@ -143,6 +207,8 @@ def _generate(task: ShardTask) -> dict:
                 not_applicable.append({"ref": ref_id, "type": type_id,
                                        "samples": len(s.levels),
                                        "reason": str(exc) or "not applicable"})
+                samples_na += len(s.levels)
+                progress(samples, samples_skipped, samples_na)
                 continue
             for key, encoded, meta in group:
                 if wds:
@@ -154,31 +220,44 @@ def _generate(task: ShardTask) -> dict:
                     files.append({"name": name, "size": len(encoded),
                                   "sha256": hashlib.sha256(encoded).hexdigest(), "meta": meta})
                 samples += 1
+            progress(samples, samples_skipped, samples_na)
         if wds:
             size, sha256 = writer.commit()
             files = [{"name": f"{task.name}.tar", "size": size, "sha256": sha256}]
     finally:
         if writer is not None:
             writer.abort()
+    # images an earlier attempt of this very task wrote and this one did not (a reference
+    # that changed and is now skipped): only names this task plans, so no record can point
+    # it at another shard's files
+    remove_recorded(s.out_dir, previous.intersection(planned) - {f["name"] for f in files})
     return {"shard": task.name, "index": task.index, "status": "complete",
-            "planned": task.planned_samples, "samples": samples, "files": files,
+            "planned": task.planned_samples, "samples": samples,
+            "samples_skipped": samples_skipped, "files": files, "references": digests,
             "skipped": skipped, "not_applicable": not_applicable}
 
 
-def run_task(task: ShardTask, attempts: int = DEFAULT_ATTEMPTS) -> dict:
-    """Run (or confirm) one shard; never raises.  Returns its stats plus ``seconds`` and
-    ``resumed``; on failure ``status == "failed"`` with the last error's traceback."""
+def run_task(task: ShardTask, attempts: int = DEFAULT_ATTEMPTS,
+             report: Report | None = None) -> dict:
+    """Run (or confirm) one shard; never raises.  Returns its stats plus ``seconds``,
+    ``resumed`` and, for a shard recorded complete but redone, ``regenerated`` (why); on
+    failure ``status == "failed"`` with the last error's traceback.  ``report`` receives
+    running counts (see ``progress``)."""
     start = time.perf_counter()
-    errors = []
+    errors, regenerated = [], None
     for _ in range(attempts):
         try:
             limit_threads()
-            done = completed_stats(task)
-            if done is not None:
-                return {**done, "resumed": True, "seconds": time.perf_counter() - start}
-            stats = _generate(task)
+            digests = reference_digests(task)
+            stats = read_stats(task.settings.out_dir, task.name)
+            done, why = resume_check(task, stats, digests)
+            if done:
+                return {**stats, "resumed": True, "seconds": time.perf_counter() - start}
+            regenerated = regenerated or why
+            stats = _generate(task, digests, TaskProgress(report, task.index))
             atomic_write_bytes(stats_path(task.settings.out_dir, task.name), _dumps(stats))
-            return {**stats, "resumed": False, "seconds": time.perf_counter() - start}
+            result = {**stats, "resumed": False, "seconds": time.perf_counter() - start}
+            return {**result, "regenerated": regenerated} if regenerated else result
         except Exception:  # any bug or I/O error: retry, then report, never kill the job
             errors.append(traceback.format_exc())
     return {"shard": task.name, "index": task.index, "status": "failed", "attempts": attempts,

@@ -6,6 +6,8 @@ ustar headers.  Everything is written under a temporary name unique to the
 writing process and renamed only when complete, so a crash never leaves a
 partial file under a final name, and two processes racing on the same shard
 (an orphaned worker and a resumed run) cannot corrupt each other's output.
+Temporary names carry biqa's mark (``<final>.biqa-tmp-<pid>-<hex>.partial``),
+so clean-up can tell them from anyone else's ``*.partial`` files.
 """
 
 from __future__ import annotations
@@ -24,13 +26,23 @@ from PIL import Image
 
 FIXED_MTIME = 0
 PARTIAL_SUFFIX = ".partial"
+TEMP_MARK = ".biqa-tmp-"
+_TEMP_NAME = re.compile(r"^(?P<final>.+)" + re.escape(TEMP_MARK) + r"\d+-[0-9a-f]{8}"
+                        + re.escape(PARTIAL_SUFFIX) + "$")
 _KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _EXT = re.compile(r"^[a-z0-9]+(\.[a-z0-9]+)?$")
 
 
 def temp_name(final_path: str) -> str:
-    """A sibling name no other process uses; ``*.partial`` marks it as garbage after a crash."""
-    return f"{final_path}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+    """A sibling name no other process uses, marked as biqa's garbage after a crash."""
+    return f"{final_path}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+
+
+def temp_final_name(name: str) -> str | None:
+    """The final name that a temporary name made by ``temp_name`` stands for; None for
+    any other name (a file biqa did not make)."""
+    m = _TEMP_NAME.match(name)
+    return m["final"] if m else None
 
 
 def remove_own_partials(final_path) -> list[str]:
@@ -38,7 +50,6 @@ def remove_own_partials(final_path) -> list[str]:
     left behind -- only names of exactly that shape, beside it, never anything else."""
     final_path = str(final_path)
     folder, base = os.path.split(final_path)
-    own = re.compile(re.escape(base) + r"\.\d+-[0-9a-f]{8}" + re.escape(PARTIAL_SUFFIX) + "$")
     removed = []
     try:
         names = os.listdir(folder or ".")
@@ -46,7 +57,7 @@ def remove_own_partials(final_path) -> list[str]:
         return removed
     for name in names:
         path = os.path.join(folder, name)
-        if own.match(name) and os.path.isfile(path) and not os.path.islink(path):
+        if temp_final_name(name) == base and os.path.isfile(path) and not os.path.islink(path):
             _unlink_quietly(path)
             removed.append(path)
     return removed
