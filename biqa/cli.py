@@ -69,6 +69,10 @@ def _size(min_side: int):
 @click.option("--resize", default=None, metavar="WxH",
               help="Scale each reference to cover WxH (aspect ratio kept, Lanczos) and "
                    "centre-crop it first. At most 16384 px a side and --max-pixels.")
+@click.option("--fr-metrics", default=None, metavar="METRICS",
+              help="Record full-reference scores of each sample against its reference in its "
+                   "JSON (pseudo-MOS for ranking and weak labels): psnr, ssim, ms_ssim, gmsd, "
+                   "vif or all, e.g. ssim,ms_ssim (docs/fr_metrics.md: what each costs).")
 @click.option("--allow-upscale", is_flag=True,
               help="Let --resize enlarge references smaller than the selected distortions "
                    "need (skipped as too small otherwise).")
@@ -86,8 +90,8 @@ def _size(min_side: int):
                    "through every selected type and level.")
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines; only the summary.")
 def gen(refs, refs_root, distortions, levels, out, seed, workers, backend, scheduler, per_shard,
-        image_format, out_format, resize, allow_upscale, max_pixels, allow_refs_outside_root,
-        overwrite, preview, quiet):
+        image_format, out_format, resize, fr_metrics, allow_upscale, max_pixels,
+        allow_refs_outside_root, overwrite, preview, quiet):
     """Generate distorted images from reference images into WebDataset shards.
 
     \b
@@ -103,7 +107,7 @@ def gen(refs, refs_root, distortions, levels, out, seed, workers, backend, sched
     from biqa.generator import generate, make_plan, summary_line
     from biqa.generator.preview import write_contact_sheet
     from biqa.generator.refs import ReferenceSkipped
-    options = dict(max_pixels=max_pixels, allow_upscale=allow_upscale,
+    options = dict(max_pixels=max_pixels, allow_upscale=allow_upscale, fr_metrics=fr_metrics,
                    refs_outside_root=allow_refs_outside_root)
     try:
         with _SigtermAsInterrupt():

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from biqa.cli import gen
-from biqa.distortions import distort
+from biqa.distortions import distort, get
 from biqa.generator import generate
 from biqa.generator.refs import load_reference, resolve_refs
 from biqa.shards.reader import iter_groups, iter_samples, load_manifest, shard_paths
@@ -78,8 +78,10 @@ def test_shards_hold_every_planned_sample_readable_with_webdataset(baseline):
     base = {s["id"]: s["class_base"] for s in manifest["types"]}
     for img, meta in samples:
         assert img.shape == (96, 128, 3) and img.dtype == np.uint8
-        assert set(meta) == {"ref", "type", "name", "level", "param", "seed", "psnr", "class"}
+        assert set(meta) == {"ref", "type", "name", "level", "param", "seed", "psnr", "class",
+                             "draws"}
         assert meta["class"] == base[meta["type"]] + meta["level"] - 1
+        assert meta["draws"] or not get(meta["type"]).stochastic  # what explains it
 
     # every shard is listed with its true size and hash, and holds whole groups
     for entry, path in zip(manifest["shards"], shard_paths(out)):

@@ -12,6 +12,7 @@ import re
 import time
 
 from biqa.distortions import resolve_distortions
+from biqa.fr_metrics import parse_fr_metrics
 
 from .distribute import effective_workers, run_plan
 from .manifest import build_manifest, write_manifest
@@ -45,14 +46,21 @@ def parse_size(text: str, min_side: int = 1) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
+def _metric_names(fr_metrics) -> tuple[str, ...]:
+    if not fr_metrics:
+        return ()
+    return parse_fr_metrics(fr_metrics if isinstance(fr_metrics, str) else ",".join(fr_metrics))
+
+
 def make_plan(refs=None, refs_root=None, distortions="all", levels="1-5", out="shards",
               seed=0, per_shard=DEFAULT_PER_SHARD, image_format=None, out_format="webdataset",
               resize=None, *, max_pixels=DEFAULT_MAX_PIXELS, allow_upscale=False,
-              refs_outside_root=False) -> Plan:
+              refs_outside_root=False, fr_metrics=None) -> Plan:
     """Resolve the inputs and plan the job, without touching the output folder.
 
     ``image_format=None`` means WebP in shards and PNG for ``out_format="folder"``,
-    the loose layout older loaders read.
+    the loose layout older loaders read.  ``fr_metrics``: full-reference scores to record
+    per sample ("ssim,ms_ssim" or names; see ``biqa.fr_metrics``).
     """
     specs = resolve_distortions(distortions)
     if image_format is None:
@@ -63,7 +71,8 @@ def make_plan(refs=None, refs_root=None, distortions="all", levels="1-5", out="s
         seed=seed, per_shard=per_shard, image_format=image_format, out_format=out_format,
         resize=parse_size(resize) if isinstance(resize, str) else resize,
         min_size=max(s.min_size for s in specs), max_pixels=max_pixels,
-        allow_upscale=allow_upscale, refs_outside_root=refs_outside_root)
+        allow_upscale=allow_upscale, refs_outside_root=refs_outside_root,
+        fr_metrics=_metric_names(fr_metrics))
     return Plan(resolve_refs(refs, refs_root, refs_outside_root), settings)
 
 
@@ -71,7 +80,7 @@ def generate(refs=None, refs_root=None, distortions="all", levels="1-5", out="sh
              seed=0, per_shard=DEFAULT_PER_SHARD, image_format=None, out_format="webdataset",
              resize=None, workers=None, backend="loky", scheduler=None, overwrite=False,
              progress=True, *, max_pixels=DEFAULT_MAX_PIXELS, allow_upscale=False,
-             refs_outside_root=False, say=None) -> dict:
+             refs_outside_root=False, fr_metrics=None, say=None) -> dict:
     """Generate (or finish) a distorted-image dataset in ``out``; returns the manifest.
 
     Re-running with equal arguments resumes; different arguments against the
@@ -82,7 +91,8 @@ def generate(refs=None, refs_root=None, distortions="all", levels="1-5", out="sh
     """
     plan = make_plan(refs, refs_root, distortions, levels, out, seed, per_shard,
                      image_format, out_format, resize, max_pixels=max_pixels,
-                     allow_upscale=allow_upscale, refs_outside_root=refs_outside_root)
+                     allow_upscale=allow_upscale, refs_outside_root=refs_outside_root,
+                     fr_metrics=fr_metrics)
     bar = Progress(plan.n_samples, plan.n_shards, enabled=progress)
     say = say or bar.write
     try:

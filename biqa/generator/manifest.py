@@ -87,6 +87,20 @@ def _shard_entry(stats: dict, out_format: str) -> dict:
     return entry
 
 
+def _fr_stats(names: tuple[str, ...], complete: list[dict]) -> dict:
+    """Count, mean and standard deviation of each recorded full-reference score over the
+    samples where it is defined: what training standardises regression targets with."""
+    stats = {}
+    for name in names:
+        count = sum(r.get("fr_sums", {}).get(name, [0, 0, 0])[0] for r in complete)
+        total = sum(r.get("fr_sums", {}).get(name, [0, 0, 0])[1] for r in complete)
+        squares = sum(r.get("fr_sums", {}).get(name, [0, 0, 0])[2] for r in complete)
+        mean = total / count if count else None
+        std = (max(squares / count - mean * mean, 0.0) ** 0.5) if count else None
+        stats[name] = {"count": count, "mean": mean, "std": std}
+    return stats
+
+
 def build_manifest(plan: Plan, results: list[dict], status: str, run: dict) -> dict:
     """The manifest from the tasks' results (in any order)."""
     results = sorted(results, key=lambda r: r["index"])
@@ -115,6 +129,7 @@ def build_manifest(plan: Plan, results: list[dict], status: str, run: dict) -> d
             "shards": len(complete),
             "shards_failed": len(failed),
         },
+        "fr_stats": _fr_stats(plan.settings.fr_metrics, complete),
         "skipped_references": [skipped[k] for k in sorted(skipped)],
         "not_applicable": not_applicable,
         "failed": failed,

@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
+from biqa.fr_metrics import parse_fr_metrics
 from biqa.shards.writer import MEMBER_EXTENSIONS
 
 from .refs import DEFAULT_MAX_PIXELS, RefTable
@@ -45,6 +46,7 @@ class JobSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger references are skipped; 0: no limit
     allow_upscale: bool = False  # let --resize enlarge references below min_size
     refs_outside_root: bool = False  # read list entries that resolve outside their root
+    fr_metrics: tuple[str, ...] = ()  # full-reference scores recorded in each sample's JSON
 
     def __post_init__(self):
         if not self.type_ids:
@@ -63,6 +65,10 @@ class JobSettings:
                              f"{self.image_format!r}")
         if self.out_format not in OUT_FORMATS:
             raise ValueError(f"format must be one of {OUT_FORMATS}, got {self.out_format!r}")
+        if self.fr_metrics and tuple(self.fr_metrics) != parse_fr_metrics(
+                ",".join(self.fr_metrics)):
+            raise ValueError(f"--fr-metrics {','.join(self.fr_metrics)}: name each metric once, "
+                             "as biqa.fr_metrics names it")
         if self.max_pixels < 0:
             raise ValueError(f"--max-pixels must be 0 (no limit) or positive, got "
                              f"{self.max_pixels}")
@@ -97,6 +103,7 @@ class JobSettings:
         cfg.pop("out_dir")
         cfg["type_ids"] = list(self.type_ids)
         cfg["levels"] = list(self.levels)
+        cfg["fr_metrics"] = list(self.fr_metrics)
         cfg["resize"] = list(self.resize) if self.resize else None
         cfg["per_shard_effective"] = self.groups_per_shard * len(self.levels)
         return cfg

@@ -28,7 +28,8 @@ from threadpoolctl import threadpool_limits
 
 from biqa.distortions import DistortionNotApplicable, get
 from biqa.distortions._matlab import psnr
-from biqa.distortions.api import apply_spec
+from biqa.distortions.api import apply_spec_with_draws
+from biqa.fr_metrics import compute_fr_metrics
 from biqa.shards.writer import (MEMBER_EXTENSIONS, ShardWriter, atomic_write_bytes,
                                 encode_image, file_digest)
 
@@ -159,7 +160,7 @@ def _distort_one(img: np.ndarray, ref_id: str, type_id: int, level: int, task: S
     s = task.settings
     spec = get(type_id)
     seed = sample_seed(s.seed, ref_id, type_id, level)
-    out = apply_spec(spec, img, level, np.random.default_rng(seed))
+    out, draws = apply_spec_with_draws(spec, img, level, np.random.default_rng(seed))
     if not (isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == img.shape):
         raise RuntimeError(f"type {type_id} returned {getattr(out, 'dtype', type(out))} "
                            f"{getattr(out, 'shape', '')}, expected uint8 {img.shape}")
@@ -167,7 +168,9 @@ def _distort_one(img: np.ndarray, ref_id: str, type_id: int, level: int, task: S
     meta = {"ref": ref_id, "type": type_id, "name": spec.name, "level": level,
             "param": _jsonable(spec.params[level - 1]), "seed": seed,
             "psnr": quality if np.isfinite(quality) else None,
-            "class": s.class_of(type_id, level)}
+            "class": s.class_of(type_id, level), "draws": _jsonable(draws)}
+    if s.fr_metrics:
+        meta["fr"] = compute_fr_metrics(img, out, s.fr_metrics)
     return encode_image(out, s.image_format), meta
 
 
@@ -183,6 +186,7 @@ def _generate(task: ShardTask, digests: dict[str, str | None], progress: TaskPro
     writer = ShardWriter(shard_tar_path(s.out_dir, task.name)) if wds else None
     skipped, not_applicable, files = [], [], []
     samples = samples_skipped = samples_na = 0
+    fr_sums = {name: [0, 0.0, 0.0] for name in s.fr_metrics}  # count, sum, sum of squares
     loaded_ref, img = -1, None
     try:
         for ref, type_id in task.groups():
@@ -220,6 +224,11 @@ def _generate(task: ShardTask, digests: dict[str, str | None], progress: TaskPro
                     files.append({"name": name, "size": len(encoded),
                                   "sha256": hashlib.sha256(encoded).hexdigest(), "meta": meta})
                 samples += 1
+                for name, value in meta.get("fr", {}).items():
+                    if value is not None:
+                        sums = fr_sums[name]
+                        sums[0], sums[1], sums[2] = sums[0] + 1, sums[1] + value, \
+                            sums[2] + value * value
             progress(samples, samples_skipped, samples_na)
         if wds:
             size, sha256 = writer.commit()
@@ -234,7 +243,7 @@ def _generate(task: ShardTask, digests: dict[str, str | None], progress: TaskPro
     return {"shard": task.name, "index": task.index, "status": "complete",
             "planned": task.planned_samples, "samples": samples,
             "samples_skipped": samples_skipped, "files": files, "references": digests,
-            "skipped": skipped, "not_applicable": not_applicable}
+            "skipped": skipped, "not_applicable": not_applicable, "fr_sums": fr_sums}
 
 
 def run_task(task: ShardTask, attempts: int = DEFAULT_ATTEMPTS,

@@ -139,6 +139,7 @@ class ShardSet:
     missing: list[str] = field(default_factory=list)
     missing_samples: int = 0
     fr_metrics: tuple[str, ...] = ("psnr",)  # full-reference scores in the samples' JSON
+    fr_stats: dict = field(default_factory=dict)  # name -> {count, mean, std} over the run
 
     @property
     def num_classes(self) -> int:
@@ -231,7 +232,8 @@ def open_shards(spec: str, allow_incomplete: bool = False) -> ShardSet:
                     class_table=class_table_from_manifest(manifest), missing=missing,
                     missing_samples=sum(int(by_name[os.path.basename(u)]["samples"])
                                         for u in missing),
-                    fr_metrics=tuple(dict.fromkeys(recorded)))
+                    fr_metrics=tuple(dict.fromkeys(recorded)),
+                    fr_stats=manifest.get("fr_stats") or {})
 
 
 # ----------------------------------------------------------------------------- shard index

@@ -82,19 +82,26 @@ def pair_ranking_loss(quality: torch.Tensor, better: torch.Tensor, margin: float
     return hinge.sum() / target.abs().sum().clamp(min=1.0)
 
 
-# Full-reference scores as regression targets of about unit range: PSNR in units of 50 dB
-# (identical images, +inf, count as 60 dB), GMSD x 3 (it spans 0..0.35); SSIM, MS-SSIM
-# and VIF are already about 0..1.
-_TARGET_SCALE = {"psnr": 1 / 50, "gmsd": 3.0}
-_PSNR_CAP = 60.0
+def target_statistics(shards: ShardSet, names: tuple[str, ...]) -> tuple[tuple, tuple]:
+    """(means, standard deviations) of the regressed scores over the whole run, from the
+    manifest (biqa-gen sums them per shard): targets are standardised with them, so every
+    metric weighs alike whatever its range."""
+    stats = [shards.fr_stats.get(name) or {} for name in names]
+    missing = [n for n, s in zip(names, stats) if not s.get("std")]
+    if missing:
+        raise ValueError(f"the manifest has no statistics of {', '.join(missing)} to "
+                         f"standardise the regression with: generate the shards with "
+                         f"biqa-gen --fr-metrics {','.join(missing)}")
+    return tuple(s["mean"] for s in stats), tuple(s["std"] for s in stats)
 
 
-def regression_targets(values: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
-    """(n, metrics) scores -> the regression head's targets (NaN stays NaN: not learned)."""
-    scale = torch.tensor([_TARGET_SCALE.get(n, 1.0) for n in names], dtype=values.dtype)
-    cap = torch.tensor([_PSNR_CAP if n == "psnr" else math.inf for n in names],
-                       dtype=values.dtype)
-    return torch.minimum(values, cap) * scale
+def regression_targets(values: torch.Tensor, means: tuple, stds: tuple) -> torch.Tensor:
+    """(n, metrics) scores -> standardised targets; undefined scores (NaN, and the +inf PSNR
+    of an image identical to its reference) become NaN: not learned."""
+    mean = torch.tensor(means, dtype=values.dtype)
+    std = torch.tensor(stds, dtype=values.dtype)
+    targets = (values - mean) / std
+    return torch.where(torch.isfinite(targets), targets, torch.full_like(targets, math.nan))
 
 
 def regression_loss(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -238,12 +245,16 @@ class _Validator:
         self.num_classes, self.class_table = shards.num_classes, shards.class_table
         self.group = group
         self.regress = tuple(config.regress)
+        # with pairs across types, also how well the quality orders each held-out
+        # reference's samples by the pseudo-MOS (a stronger measure than a few pairs)
+        self.by_pseudo_mos = pairs and config.rank_pairs == "reference"
         batch = config.batch_size
         self.loaders = {}
         if val_shards is not None:
             stream = ShardStream(val_shards, config.input_hw, batch, train=False,
                                  seed=config.seed, rank=group.rank, world=group.world,
-                                 regress=self.regress)
+                                 regress=self.regress, pair_by=config.rank_pairs,
+                                 rank_metric=config.pseudo_mos if self.by_pseudo_mos else None)
             self.loaders["val"] = make_loader(stream, workers, pin)
             self.val_total = val_shards.samples + val_shards.missing_samples
             if pairs:
@@ -263,34 +274,45 @@ class _Validator:
 
     def _confusion(self, net, loader, device, channels_last, dtype, warn
                    ) -> tuple[np.ndarray, dict]:
-        """The confusion matrix, and per regressed metric the SRCC of the predictions."""
+        """The confusion matrix, and the SRCCs of the heads: per regressed metric over all
+        samples, and of the quality against the pseudo-MOS within each reference."""
         confusion = torch.zeros(self.num_classes ** 2, dtype=torch.int64)
-        predicted, targets = [], []
+        outputs: list[tuple] = []  # (regressed, targets, quality, pseudo-MOS, refs) per batch
         with torch.no_grad(), autocast(device, dtype):
             for batch in loader:
                 for line in batch.get("warnings", []):
                     warn(line)
                 if len(batch["label"]) == 0:
                     continue
-                logits, _, metrics = net(model_input(batch["image"], device, channels_last))
+                logits, quality, metrics = net(model_input(batch["image"], device,
+                                                           channels_last))
                 pred = logits.argmax(1).cpu()
                 confusion += torch.bincount(batch["label"] * self.num_classes + pred,
                                             minlength=self.num_classes ** 2)
-                if metrics is not None:
-                    predicted.append(metrics.float().cpu())
-                    targets.append(batch["targets"])
+                if self.regress or self.by_pseudo_mos:
+                    outputs.append((
+                        None if metrics is None else metrics.float().cpu().numpy(),
+                        batch["targets"].numpy(),
+                        None if quality is None else quality.float().cpu().numpy(),
+                        batch["better"].numpy(), list(batch["ref"])))
         self.group.sum_(confusion)
-        srcc = {}
-        if self.regress:
-            gathered = self.group.gather((torch.cat(predicted) if predicted else None,
-                                          torch.cat(targets) if targets else None))
-            pred_all = torch.cat([p for p, _ in gathered if p is not None]).numpy()
-            true_all = torch.cat([t for _, t in gathered if t is not None]).numpy()
-            for i, name in enumerate(self.regress):
-                known = np.isfinite(true_all[:, i])
-                srcc[name] = float(spearmanr(pred_all[known, i], true_all[known, i])[0]) \
-                    if known.sum() > 2 else None
-        return confusion.view(self.num_classes, -1).numpy(), srcc
+        scores, every = {}, []
+        if self.regress or self.by_pseudo_mos:  # a collective: every rank takes part
+            every = [o for part in self.group.gather(outputs) for o in part]
+        if self.regress and every:
+            predicted = np.concatenate([o[0] for o in every])
+            targets = np.concatenate([o[1] for o in every])
+            scores["regression_srcc"] = {
+                name: _srcc(predicted[:, i], targets[:, i])
+                for i, name in enumerate(self.regress)}
+        if self.by_pseudo_mos and every:
+            quality = np.concatenate([o[2] for o in every])
+            better = np.concatenate([o[3] for o in every])
+            refs = np.array([r for o in every for r in o[4]])
+            per_ref = [_srcc(quality[refs == r], better[refs == r]) for r in np.unique(refs)]
+            per_ref = [v for v in per_ref if v is not None]
+            scores["pseudo_mos_srcc"] = float(np.mean(per_ref)) if per_ref else None
+        return confusion.view(self.num_classes, -1).numpy(), scores
 
     def _ranking(self, net, loader, device, channels_last, dtype) -> float:
         """Share of the held-out pairs with an order whose predicted order is right."""
@@ -315,12 +337,11 @@ class _Validator:
         self.group.sync_buffers(net)
         net.eval()
         if "val" in self.loaders:
-            confusion, srcc = self._confusion(net, self.loaders["val"], device, channels_last,
-                                              dtype, warn)
+            confusion, scores = self._confusion(net, self.loaders["val"], device,
+                                                channels_last, dtype, warn)
             summary = accuracy_summary(confusion, self.class_table)
-            result["val"] = {**summary, "skipped": self.val_total - summary["samples"]}
-            if srcc:
-                result["val"]["regression_srcc"] = srcc
+            result["val"] = {**summary, "skipped": self.val_total - summary["samples"],
+                             **scores}
             self._write(confusion, out / "confusion")
             if "pairs" in self.loaders:
                 result["val"]["pair_ranking_acc"] = self._ranking(
@@ -339,6 +360,15 @@ class _Validator:
             atomic_write_bytes(stem.with_suffix(".json"),
                                json.dumps({"class_table": self.class_table,
                                            "confusion": confusion.tolist()}).encode())
+
+
+def _srcc(predicted: np.ndarray, truth: np.ndarray) -> float | None:
+    """Spearman correlation over the known truths (NaN is unknown; an infinite PSNR is the
+    best score); None when fewer than three, or when either side is constant."""
+    known = ~np.isnan(truth)
+    if known.sum() < 3 or np.ptp(predicted[known]) == 0 or np.ptp(truth[known]) == 0:
+        return None
+    return float(spearmanr(predicted[known], truth[known])[0])
 
 
 def accuracy_summary(confusion: np.ndarray, class_table: list[dict]) -> dict:
@@ -469,6 +499,7 @@ def _train(config: TrainConfig, group: _Dist) -> dict:
     for missing in (shards.missing + (val_shards.missing if val_shards else []))[:5]:
         log.warning("shard missing, its samples are skipped: %s", missing)
     pairs = config.ranking_weight > 0
+    standardise = target_statistics(shards, tuple(config.regress)) if config.regress else ()
     train_set = ShardStream(shards, config.input_hw, config.batch_size // 2 if pairs
                             else config.batch_size, train=True, pairs=pairs, seed=config.seed,
                             rank=rank, world=world, pair_by=config.rank_pairs,
@@ -606,7 +637,8 @@ def _train(config: TrainConfig, group: _Dist) -> dict:
             for line in batch["warnings"]:
                 warn(line)
             loss, rank_loss, reg_loss, right, seen = _train_step(
-                model, net, batch, optimizer, scaler, config, device, channels_last, dtype)
+                model, net, batch, optimizer, scaler, config, device, channels_last, dtype,
+                standardise)
             step += 1
             scheduler.step(step / steps_per_epoch if config.schedule_every == "step"
                            else step // steps_per_epoch)
@@ -638,7 +670,7 @@ def _train(config: TrainConfig, group: _Dist) -> dict:
 
 def _train_step(model: nn.Module, net: PretrainNet, batch: dict, optimizer, scaler,
                 config: TrainConfig, device: torch.device, channels_last: bool,
-                dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+                dtype: torch.dtype | None, standardise: tuple) -> tuple[torch.Tensor, ...]:
     """One SGD step; returns (classification loss, ranking loss, regression loss, correct,
     images), detached and still on the device: nothing here waits for the device."""
     labels = batch["label"].flatten()
@@ -652,7 +684,7 @@ def _train_step(model: nn.Module, net: PretrainNet, batch: dict, optimizer, scal
                                    config.ranking_margin) if quality is not None else zero)
     reg_loss = zero
     if metrics is not None:
-        targets = regression_targets(batch["targets"].flatten(0, -2), tuple(config.regress))
+        targets = regression_targets(batch["targets"].flatten(0, -2), *standardise)
         reg_loss = regression_loss(metrics, targets.to(device, non_blocking=True))
     optimizer.zero_grad(set_to_none=True)
     total = loss + config.ranking_weight * rank_loss + config.regression_weight * reg_loss
