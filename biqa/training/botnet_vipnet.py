@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._stages import FourStages
+
 ARCH = "botnet50-vipnet"
 VIPNET_INPUT_SIZE = (384, 288)  # (width, height) of the published DPM
 VIPNET_HEADS = 16
@@ -108,7 +110,7 @@ class Bottleneck(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class BoTNetVIPNet(nn.Module):
+class BoTNetVIPNet(FourStages):
     """The original ``ResNet(Bottleneck, [3, 4, 6, 3])`` with attention in ``layer4``, with
     biqa's backbone surface (``forward_features``, ``feature_channels``, ``forward_head``,
     ``num_classes``; ``num_classes=0``: no ``fc``, ``forward`` returns the 2x2-pooled
@@ -153,20 +155,9 @@ class BoTNetVIPNet(nn.Module):
                 attention_hw = (attention_hw[0] // 2, attention_hw[1] // 2)
         return nn.Sequential(*layers)
 
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        features = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
-            features.append(x)
-        return features
-
     def forward_head(self, last_map: torch.Tensor) -> torch.Tensor:
         pooled = torch.flatten(self.avgpool(last_map), 1)
         return pooled if self.fc is None else self.fc(pooled)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x)[-1])
 
 
 def _init_like_original(model: nn.Module) -> None:

@@ -23,6 +23,7 @@ from torch import nn
 
 from biqa.shards.writer import atomic_write
 
+from ._stages import FourStages
 from .botnet_vipnet import ARCH as VIPNET_ARCH, BoTNetVIPNet
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class RelPosSelfAttention(nn.Module):
         return out.reshape(b, c, h, w)
 
 
-class ResNet(nn.Module):
+class ResNet(FourStages):
     """ResNet with torchvision's parameter names (``conv1``, ``bn1``, ``layer1..4``, ``fc``).
     ``attention_input_hw`` turns the last stage into BoTNet's: attention replaces the 3x3
     convolution of its three bottlenecks."""
@@ -205,20 +206,9 @@ class ResNet(nn.Module):
                 h, w = h // 2, w // 2
         return nn.Sequential(*layers)
 
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        features = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
-            features.append(x)
-        return features
-
     def forward_head(self, last_map: torch.Tensor) -> torch.Tensor:
         pooled = torch.flatten(self.head_pool(last_map), 1)
         return pooled if self.fc is None else self.fc(self.dropout(pooled))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x)[-1])
 
 
 def _init_weights(model: nn.Module) -> None:
