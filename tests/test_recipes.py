@@ -301,6 +301,28 @@ def test_a_walk_stopped_after_its_first_round_resumes_to_the_same_bytes(lists, w
     assert _tars(tmp_path) == _tars(out)
 
 
+def test_a_folder_walk_leaves_only_the_images_it_keeps(lists, walked, tmp_path):
+    """Loose images: the chunks beyond the cut and the rows after it in the cut chunk,
+    made by a first round for 8 workers, are deleted -- and nothing else is."""
+    root, names, _ = lists
+    _, manifest = walked
+    job = {**_walk_job(root), "out_format": "folder"}
+    plan = make_plan(out=str(tmp_path), **{k: v for k, v in job.items() if k != "progress"})
+    prepare_out_dir(plan, False, print)
+    write_manifest(str(tmp_path), build_manifest(plan, [], "incomplete", run={}))
+    with task_runner(1) as run:
+        made = {f["name"] for r in run(Walk(plan, workers=8).first_round()) for f in r["files"]}
+    (tmp_path / "mine.png").write_bytes(b"not biqa's")
+    folder = generate(out=str(tmp_path), workers=1, **job)
+    kept = {f["name"] for s in folder["shards"] for f in s["files"]}
+    on_disk = {p.name for p in tmp_path.glob("*.png")}
+    assert on_disk == kept | {"mine.png"} and made - kept  # some were made, then deleted
+    wanted = {(r, t) for r, t, _ in _keys(walked[0])}
+    assert {tuple(n[:-len("_00.png")].rsplit("_", 1)) for n in kept} == {
+        (r, f"{t:02d}") for r, t in wanted}
+    assert folder["walk"] == manifest["walk"]
+
+
 def test_a_walk_killed_anywhere_resumes_to_the_same_bytes(lists, walked, tmp_path):
     root, names, _ = lists
     out, manifest = walked

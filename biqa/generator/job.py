@@ -191,7 +191,13 @@ def summary_line(manifest: dict) -> str:
            else f"no new images ({run['seconds']:.1f} s)")
     regenerated = (f", {len(run['regenerated'])} shards redone (manifest: run.regenerated)"
                    if run["regenerated"] else "")
+    walk = manifest.get("walk")
+    walked = (f"; walk: type {walk['type']} for {walk['found']} of {walk['wanted']} references "
+              f"wanted, {walk['rows_walked']} list rows ({run['walk']['rounds']} rounds, "
+              f"{run['walk']['chunks_deleted']} chunks made ahead and deleted)"
+              if walk and "walk" in run else "")
     return (f"biqa-gen: {manifest['status']}: {t['samples']} images in {t['shards']} shards "
             f"({run['shards_resumed']} already done{regenerated}); {new}; "
             f"{t['references_skipped']} references skipped ({t['samples_skipped']} samples), "
-            f"{t['not_applicable']} samples not applicable, {t['shards_failed']} shards failed")
+            f"{t['not_applicable']} samples not applicable, {t['shards_failed']} shards "
+            f"failed{walked}")
