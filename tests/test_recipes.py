@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import tracemalloc
 from collections import Counter
@@ -94,6 +95,13 @@ def test_kadis700k_makes_exactly_the_listed_groups(lists, tmp_path):
     assert manifest["config"]["recipe"] == "kadis700k"
     expected = sorted((Path(n).stem, t, level) for n, t in rows for level in range(1, 6))
     assert sorted(_keys(tmp_path / "a")) == expected
+    members = []
+    for tar in sorted((tmp_path / "a").glob("*.tar")):
+        with tarfile.open(tar) as f:
+            names = f.getnames()
+        assert names == sorted(names)  # byte-sorted in each shard
+        members += [n for n in names if n.endswith(".webp")]
+    assert sorted(members) == [f"{r}_{t:02d}_{lv:02d}.webp" for r, t, lv in expected]
     assert manifest["totals"]["samples"] == manifest["totals"]["samples_planned"] == 40
     # the class table is the run's (kadid, 1..25 in order), whatever types the list uses
     assert [t["id"] for t in manifest["types"]] == list(range(1, 26))
