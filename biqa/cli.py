@@ -32,8 +32,9 @@ def _size(min_side: int):
 @click.option("--refs", multiple=True, metavar="PATH",
               help="Reference images: a folder (searched recursively), a glob ('imgs/**/*.png', "
                    "quoted), an image file, or a .csv/.txt list whose first column names the "
-                   "files (header allowed; KADIS-700k's dataset_ref_img.csv works). Repeatable. "
-                   "Default: the sample images shipped with biqa.")
+                   "files (header allowed; KADIS-700k's dataset_ref_img.csv works; --recipe "
+                   "kadis700k also reads a second column, the type). Repeatable. Default: the "
+                   "sample images shipped with biqa.")
 @click.option("--refs-root", type=click.Path(file_okay=False), default=None,
               help="Folder that the names in a .csv/.txt list are relative to "
                    "(default: the list's folder).")
