@@ -32,15 +32,33 @@ def _size(min_side: int):
 @click.option("--refs", multiple=True, metavar="PATH",
               help="Reference images: a folder (searched recursively), a glob ('imgs/**/*.png', "
                    "quoted), an image file, or a .csv/.txt list whose first column names the "
-                   "files (header allowed; KADIS-700k's dataset_ref_img.csv works). Repeatable. "
-                   "Default: the sample images shipped with biqa.")
+                   "files (header allowed; KADIS-700k's dataset_ref_img.csv works; --recipe "
+                   "kadis700k also reads a second column, the type). Repeatable. Default: the "
+                   "sample images shipped with biqa.")
 @click.option("--refs-root", type=click.Path(file_okay=False), default=None,
               help="Folder that the names in a .csv/.txt list are relative to "
                    "(default: the list's folder).")
-@click.option("--distortions", default="all", show_default=True, metavar="SPEC",
+@click.option("--distortions", default=None, metavar="SPEC",
               help="all, kadid (1-25), vipnet (the 30 VIPNet types), codecs, or a comma list of "
                    "ids, id ranges and names, e.g. '1-5,11,jpeg'. The order sets the class "
-                   "index: class = index*5 + level-1.")
+                   "index: class = index*5 + level-1. [default: all; with --recipe: kadid "
+                   "for kadis700k, vipnet for vipnet]")
+@click.option("--recipe", default=None, type=click.Choice(["kadis700k", "vipnet"]),
+              help="A published set (docs/generator.md, Recipes). kadis700k: each row of the "
+                   "--refs list names its reference and, in the second column, its one type "
+                   "(kadis700k_ref_imgs.csv), made at every level. vipnet: every type but 27 on "
+                   "the --refs list (dataset_ref_img.csv), and chromatic aberration (27) from "
+                   "the --walk-refs list, walked in order until --walk-count references have "
+                   "all five levels.")
+@click.option("--types-per-ref", default=None, type=click.IntRange(min=1), metavar="K",
+              help="Make K of the --distortions types for each reference, drawn from "
+                   "(--seed, reference name): KADIS-style sets of your own. [default: all]")
+@click.option("--walk-refs", multiple=True, metavar="PATH",
+              help="With --recipe vipnet: the list walked in order for chromatic aberration "
+                   "(27), VIPNet's dataset_ref_img_140k.csv; names relative to --refs-root.")
+@click.option("--walk-count", default=None, type=click.IntRange(min=1), metavar="N",
+              help="With --recipe vipnet: stop the walk once N references have all five "
+                   "levels of type 27. [default: 40000]")
 @click.option("--levels", default="1-5", show_default=True,
               help="Levels to generate: a range or comma list, e.g. 1-5 or 1,3,5.")
 @click.option("--out", default="shards", show_default=True, type=click.Path(file_okay=False),
@@ -89,15 +107,18 @@ def _size(min_side: int):
               help="Instead of generating, render a contact sheet of the first reference "
                    "through every selected type and level.")
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines; only the summary.")
-def gen(refs, refs_root, distortions, levels, out, seed, workers, backend, scheduler, per_shard,
-        image_format, out_format, resize, fr_metrics, allow_upscale, max_pixels,
-        allow_refs_outside_root, overwrite, preview, quiet):
+def gen(refs, refs_root, distortions, recipe, types_per_ref, walk_refs, walk_count, levels, out,
+        seed, workers, backend, scheduler, per_shard, image_format, out_format, resize,
+        fr_metrics, allow_upscale, max_pixels, allow_refs_outside_root, overwrite, preview,
+        quiet):
     """Generate distorted images from reference images into WebDataset shards.
 
     \b
     biqa-gen --distortions all --out shards/
-    biqa-gen --refs kadis700k/dataset_ref_img.csv --refs-root kadis700k/ref_imgs \\
-             --distortions vipnet --out /data/vipnet --workers 32
+    biqa-gen --recipe kadis700k --refs kadis700k_ref_imgs.csv --refs-root ref_imgs/ \\
+             --out /data/kadis700k
+    biqa-gen --recipe vipnet --refs dataset_ref_img.csv \\
+             --walk-refs dataset_ref_img_140k.csv --refs-root ref_imgs/ --out /data/vipnet
     biqa-gen --preview sheet.png --refs photo.jpg --distortions kadid
 
     Re-running the same command resumes after an interruption. Exits with
@@ -108,7 +129,8 @@ def gen(refs, refs_root, distortions, levels, out, seed, workers, backend, sched
     from biqa.generator.preview import write_contact_sheet
     from biqa.generator.refs import ReferenceSkipped
     options = dict(max_pixels=max_pixels, allow_upscale=allow_upscale, fr_metrics=fr_metrics,
-                   refs_outside_root=allow_refs_outside_root)
+                   refs_outside_root=allow_refs_outside_root, recipe=recipe,
+                   types_per_ref=types_per_ref or 0, walk_refs=walk_refs, walk_count=walk_count)
     try:
         with _SigtermAsInterrupt():
             if preview:

@@ -211,10 +211,11 @@ def test_odd_sizes_follow_each_papers_edge_rule(distorted):
 # pytorch_msssim 1.0.0 ``ms_ssim(X, Y, data_range=255)`` (defaults: win 11, sigma 1.5,
 # K (0.01, 0.03), the paper's weights), float64 tensors of luma_reference() of the
 # bundled astronaut and distort(astronaut, kind, level, rng=7); run once in a scratch
-# venv, since torch is no dependency of these metrics.
+# venv, since torch is no dependency of these metrics.  (white_noise re-recorded the same
+# way when type 11's random stream changed to biqa's machine-independent normal deviates.)
 PYTORCH_MSSSIM = {
     ("gaussian_blur", 4): 0.956957162400619,
-    ("white_noise", 4): 0.9375346475711247,
+    ("white_noise", 4): 0.9378652086821582,
 }
 
 

@@ -91,34 +91,42 @@ def _run_in_loky_worker(task, attempts: int, report: Report | None) -> dict:
     return run_task(task, attempts, report)
 
 
+@contextlib.contextmanager
+def task_runner(workers: int = 1, backend: str = "loky", scheduler: str | None = None,
+                attempts: int = DEFAULT_ATTEMPTS, report: Report | None = None):
+    """A function that runs an iterable of tasks, pulling them lazily, and yields each
+    task's result (stats or failure record) as it completes.  One pool of workers (or one
+    Dask client) serves every call, so a job that runs in rounds starts them once.
+    ``report`` receives the running counts of tasks (in-process: any callable; in
+    workers: a picklable one such as ``progress.SocketReporter``)."""
+    check_backend(workers, backend, scheduler)
+    if backend == "loky" and workers == 1:
+        yield lambda tasks: (run_task(task, attempts, report) for task in tasks)
+        return
+    if backend == "loky":
+        with joblib.Parallel(n_jobs=workers, backend="loky", batch_size=1,
+                             return_as="generator_unordered") as parallel:
+            yield lambda tasks: parallel(joblib.delayed(_run_in_loky_worker)(t, attempts, report)
+                                         for t in tasks)
+        return
+    with _dask_client(scheduler, workers), joblib.parallel_config(backend="dask"), \
+            joblib.Parallel(n_jobs=-1, batch_size=1, return_as="generator_unordered") as parallel:
+        yield lambda tasks: parallel(joblib.delayed(run_task)(t, attempts, report) for t in tasks)
+
+
 def iter_results(plan: Plan, workers: int = 1, backend: str = "loky",
                  scheduler: str | None = None, attempts: int = DEFAULT_ATTEMPTS,
                  report: Report | None = None) -> Iterator[dict]:
-    """Yield every task's result (stats or failure record) as it completes; ``report``
-    receives the running counts of tasks (in-process: any callable; in workers: a
-    picklable one such as ``progress.SocketReporter``)."""
-    check_backend(workers, backend, scheduler)
-    if backend == "loky" and workers == 1:
-        yield from (run_task(task, attempts, report) for task in plan.tasks())
-        return
-    if backend == "loky":
-        calls = (joblib.delayed(_run_in_loky_worker)(task, attempts, report)
-                 for task in plan.tasks())
-        yield from joblib.Parallel(n_jobs=workers, backend="loky", batch_size=1,
-                                   return_as="generator_unordered")(calls)
-        return
-    calls = (joblib.delayed(run_task)(task, attempts, report) for task in plan.tasks())
-    with _dask_client(scheduler, workers):
-        with joblib.parallel_config(backend="dask"):
-            yield from joblib.Parallel(n_jobs=-1, batch_size=1,
-                                       return_as="generator_unordered")(calls)
+    """Yield the result of every task of ``plan`` outside a walk as it completes."""
+    with task_runner(workers, backend, scheduler, attempts, report) as run:
+        yield from run(plan.tasks())
 
 
 def run_plan(plan: Plan, workers: int = 1, backend: str = "loky",
              scheduler: str | None = None, attempts: int = DEFAULT_ATTEMPTS,
              on_result: Callable[[dict], None] | None = None,
              report: Report | None = None) -> list[dict]:
-    """Run every task of ``plan``; returns all results (failures included)."""
+    """Run every task of ``plan`` outside a walk; returns all results (failures included)."""
     results = []
     for result in iter_results(plan, workers, backend, scheduler, attempts, report):
         results.append(result)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 
 from biqa.distortions import get
@@ -34,8 +35,12 @@ def type_table(plan: Plan) -> list[dict]:
 def job_config(plan: Plan) -> dict:
     """What decides the output bytes; a different value means a different dataset."""
     from biqa import __version__
-    return {**plan.settings.as_config(), "biqa_version": __version__,
-            "references": {"count": len(plan.refs), "sha256": plan.refs.digest()}}
+    config = {**plan.settings.as_config(), "biqa_version": __version__,
+              "references": {"count": len(plan.refs), "sha256": plan.refs.digest()}}
+    if plan.n_chunks:
+        config["walk_references"] = {"count": len(plan.walk_refs),
+                                     "sha256": plan.walk_refs.digest()}
+    return config
 
 
 class UnreadableManifest(ValueError):
@@ -101,15 +106,24 @@ def _fr_stats(names: tuple[str, ...], complete: list[dict]) -> dict:
     return stats
 
 
-def build_manifest(plan: Plan, results: list[dict], status: str, run: dict) -> dict:
-    """The manifest from the tasks' results (in any order)."""
+def build_manifest(plan: Plan, results: list[dict], status: str, run: dict,
+                   walk: dict | None = None) -> dict:
+    """The manifest from the tasks' results (in any order) -- for a job with a walk, the
+    results of the chunks it keeps, and ``walk``, the walk's outcome (``walk.py``)."""
     results = sorted(results, key=lambda r: r["index"])
     complete = [r for r in results if r["status"] == "complete"]
     failed = [{"shard": r["shard"], "attempts": r["attempts"], "error": r["error"]}
               for r in results if r["status"] == "failed"]
     skipped = {s["ref"]: s for r in complete for s in r["skipped"]}
     not_applicable = [n for r in complete for n in r["not_applicable"]]
-    return {
+    samples_planned, shards_planned = plan.n_samples, plan.n_shards
+    if plan.n_chunks:  # the walk's target until it has run, then what it made
+        samples_planned = plan.n_groups * len(plan.settings.levels) + (
+            walk["samples_planned"] if walk else plan.settings.walk_count
+            * len(plan.settings.levels))
+        shards_planned += walk["chunks"] if walk else math.ceil(
+            plan.settings.walk_count / plan.settings.groups_per_shard)
+    manifest = {
         "format_version": FORMAT_VERSION,
         "status": status,
         "config": job_config(plan),
@@ -121,11 +135,11 @@ def build_manifest(plan: Plan, results: list[dict], status: str, run: dict) -> d
         "totals": {
             "references": len(plan.refs),
             "references_skipped": len(skipped),
-            "samples_planned": plan.n_samples,
+            "samples_planned": samples_planned,
             "samples": sum(r["samples"] for r in complete),
             "samples_skipped": sum(r["samples_skipped"] for r in complete),
             "not_applicable": sum(n["samples"] for n in not_applicable),
-            "shards_planned": plan.n_shards,
+            "shards_planned": shards_planned,
             "shards": len(complete),
             "shards_failed": len(failed),
         },
@@ -133,8 +147,11 @@ def build_manifest(plan: Plan, results: list[dict], status: str, run: dict) -> d
         "skipped_references": [skipped[k] for k in sorted(skipped)],
         "not_applicable": not_applicable,
         "failed": failed,
-        "run": run,
     }
+    if plan.n_chunks:
+        manifest["walk"] = walk
+    manifest["run"] = run
+    return manifest
 
 
 def write_manifest(out_dir: str, manifest: dict) -> None:

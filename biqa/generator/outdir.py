@@ -91,6 +91,17 @@ def remove_recorded(out_dir: str, names) -> None:
     _unlink(p for p in (recorded_output(out_dir, n) for n in names) if p)
 
 
+def remove_shard(out_dir: str, name: str, own_names) -> None:
+    """Delete a shard this job wrote and no longer wants (a walk's chunk beyond the last
+    one needed): the outputs its stats record names -- only among ``own_names``, the
+    names that shard may write -- then the record itself."""
+    record = owned_file(out_dir, f"{name}.json", in_stats=True)
+    if record is None:
+        return
+    remove_recorded(out_dir, set(record_names(_read_json(record))).intersection(own_names))
+    _unlink([record])  # last: a kill before this leaves the record of what remains
+
+
 def stats_records(out_dir: str) -> list[str]:
     """Paths of biqa's own ``stats/shard-*.json`` files."""
     found = (owned_file(out_dir, os.path.basename(p), in_stats=True)
@@ -192,7 +203,7 @@ def prepare_out_dir(plan: Plan, overwrite: bool, say: Callable[[str], None]) -> 
 def _warn_unrecorded_tars(plan: Plan, say: Callable[[str], None]) -> None:
     """Shard-like tars biqa has no record of stay; say so if this job will not replace them."""
     out_dir = plan.settings.out_dir
-    planned = ({f"{plan.shard_name(i)}.tar" for i in range(plan.n_shards)}
+    planned = ({f"{name}.tar" for name in plan.all_shard_names()}
                if plan.settings.out_format == "webdataset" else set())
     left = sorted(n for n in map(os.path.basename, glob.glob(os.path.join(out_dir, "shard-*.tar")))
                   if n not in planned)

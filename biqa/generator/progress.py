@@ -237,6 +237,15 @@ class Progress:
             self._live[index] = (token, written, skipped, not_applicable)
             self._show(self.processed - before, None)
 
+    def add_tasks(self, tasks) -> None:
+        """More work than planned at the start (a walk's next round); a task that runs
+        again (a walk chunk cut short) counts again."""
+        with self._lock:
+            for task in tasks:
+                self._finished.discard(task.index)
+                self.total_samples += task.planned_samples
+                self.total_shards += 1
+
     def update(self, result: dict) -> None:
         with self._lock:
             before = self.processed

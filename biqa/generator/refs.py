@@ -45,8 +45,10 @@ class ReferenceSkipped(Exception):
 
 @dataclass(frozen=True)
 class RefTable:
-    """References sorted by id: ``ids[i]`` names the file ``paths[i]`` (``rel[i]`` as listed),
-    which must resolve inside ``roots[i]`` (None: anywhere, for files named directly).
+    """References: ``ids[i]`` names the file ``paths[i]`` (``rel[i]`` as listed), which must
+    resolve inside ``roots[i]`` (None: anywhere, for files named directly).  Sorted by id,
+    except a walk's table, which keeps list order.  ``types[i]``, where the list names them
+    (a second column), are the types to make of reference ``i``, by id.
 
     Ids are what sample keys and seeds are built from, so they depend only on
     the file names as listed, never on list positions or the machine.
@@ -56,21 +58,25 @@ class RefTable:
     paths: tuple[str, ...]
     rel: tuple[str, ...]
     roots: tuple[str | None, ...]
+    types: tuple[tuple[int, ...], ...] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def digest(self) -> str:
-        """sha256 over (id, listed name): identifies the reference set for resume checks."""
+        """sha256 over (id, listed name[, listed types]): identifies the reference set (and
+        its groups) for resume checks."""
         h = hashlib.sha256()
-        for ref_id, rel in zip(self.ids, self.rel):
-            h.update(f"{ref_id}\t{rel}\n".encode())
+        for i, (ref_id, rel) in enumerate(zip(self.ids, self.rel)):
+            listed = "" if self.types is None else "\t" + ",".join(map(str, self.types[i]))
+            h.update(f"{ref_id}\t{rel}{listed}\n".encode())
         return h.hexdigest()
 
 
 def sanitise_stem(stem: str) -> str:
     """ASCII letters, digits, ``_`` and ``-`` only: no dots, slashes or spaces can reach a key."""
-    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
+    ascii_stem = stem if stem.isascii() else \
+        unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
     return _UNSAFE.sub("-", ascii_stem).strip("-")[:MAX_ID_LENGTH] or "ref"
 
 
@@ -96,27 +102,31 @@ def assign_ids(rel_paths: list[str]) -> list[str]:
     return ids
 
 
-def _read_list(list_file: Path) -> list[str]:
-    """First column of a .csv (or whole lines of a .txt); a first row that names no
-    image file is a header (KADIS-700k's ``dataset_ref_img.csv`` has one)."""
+def _read_list(list_file: Path) -> list[tuple[str, str | None, int]]:
+    """(name, second column or None, line number) of each row of a .csv (or a tab-separated
+    .txt); a first row that names no image file is a header (KADIS-700k's lists have one)."""
     with open(list_file, newline="", encoding="utf-8-sig") as f:
         if list_file.suffix.lower() == ".csv":
-            names = [row[0].strip() for row in csv.reader(f) if row and row[0].strip()]
+            reader = csv.reader(f)
+            rows = [(row, reader.line_num) for row in reader]
         else:
-            names = [line.split("\t")[0].strip() for line in f if line.strip()]
-    if names and posixpath.splitext(names[0])[1].lower() not in IMAGE_EXTENSIONS:
-        names = names[1:]
-    return names
+            rows = [(line.rstrip("\r\n").split("\t"), n) for n, line in enumerate(f, 1)]
+    named = [(fields[0].strip(), fields[1].strip() if len(fields) > 1 else None, n)
+             for fields, n in rows if fields and fields[0].strip()]
+    if named and posixpath.splitext(named[0][0])[1].lower() not in IMAGE_EXTENSIONS:
+        named = named[1:]
+    return named
 
 
 def _list_folder(folder: Path) -> list[str]:
-    """Image files under ``folder`` as posix paths relative to it (string ops: fast for 10^6)."""
+    """Image files under ``folder`` as posix paths relative to it, in name order (string
+    ops: fast for 10^6)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         rel_dir = os.path.relpath(dirpath, folder).replace(os.sep, "/")
         prefix = "" if rel_dir == "." else rel_dir + "/"
-        found.extend(prefix + f for f in filenames
+        found.extend(prefix + f for f in sorted(filenames)
                      if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
     return found
 
@@ -128,34 +138,74 @@ def _glob_root(pattern: str) -> Path:
     return Path(*parts[:first_magic]) if first_magic else Path(".")
 
 
-def _entries(source: str, refs_root: str | None,
-             outside_root: bool) -> list[tuple[str, str, str | None]]:
-    """(listed name, path, root it must stay in) of each file of one ``--refs`` value."""
+class _ListedTypes:
+    """Reads a list's type column (an id or a name per row) and refuses, naming the row,
+    one that is empty, unknown or not among the run's types."""
+
+    def __init__(self, allowed: tuple[int, ...], what: str):
+        self.allowed, self.what = set(allowed), what
+        self._known: dict[str, int] = {}
+
+    def __call__(self, text: str | None, where: str) -> int:
+        if text in self._known:
+            return self._known[text]
+        if not text:
+            raise ValueError(f"{where}: no distortion type in the second column ({self.what} "
+                             "reads one type per row)")
+        from biqa.distortions import get
+        try:
+            type_id = get(text).id
+        except ValueError:
+            raise ValueError(f"{where}: {text!r} in the second column is not a distortion type "
+                             "(an id such as 7 or a name)") from None
+        if type_id not in self.allowed:
+            raise ValueError(f"{where}: type {type_id} ({get(type_id).name}) is not among the "
+                             f"selected distortions ({', '.join(map(str, sorted(self.allowed)))});"
+                             " add it to --distortions or fix the list")
+        self._known[text] = type_id
+        return type_id
+
+
+Entry = tuple[str, str, str | None, int | None]  # listed name, path, root, listed type
+
+
+def _entries(source: str, refs_root: str | None, outside_root: bool,
+             listed_types: _ListedTypes | None = None) -> list[Entry]:
+    """(listed name, path, root it must stay in, listed type) of each file of one ``--refs``
+    value, in list order (folders and globs: in name order)."""
     path = Path(source)
+    is_list = path.suffix.lower() in LIST_EXTENSIONS and path.is_file()
+    if listed_types is not None and not is_list:
+        raise ValueError(f"--refs {source}: {listed_types.what} reads each reference's type "
+                         "from the second column of a .csv/.txt list; this is not one")
     if path.is_dir():
-        return [(rel, str(path / rel), None) for rel in _list_folder(path)]
-    if path.suffix.lower() in LIST_EXTENSIONS and path.is_file():
+        return [(rel, str(path / rel), None, None) for rel in _list_folder(path)]
+    if is_list:
         root = os.path.abspath(refs_root or str(path.parent))
-        entries = [(n.replace("\\", "/"), os.path.join(root, n), root) for n in _read_list(path)]
+        entries = [(n.replace("\\", "/"), os.path.join(root, n), root,
+                    None if listed_types is None
+                    else listed_types(column, f"{source} line {line} ({n})"))
+                   for n, column, line in _read_list(path)]
         if outside_root:
-            return [(rel, p, None) for rel, p, _ in entries]
+            return [(rel, p, None, t) for rel, p, _, t in entries]
         _refuse_escapes(source, refs_root, root, entries)
         return entries
     if _GLOB_MAGIC.search(source):
         root = _glob_root(source)
-        return [(Path(p).relative_to(root).as_posix(), p, None)
-                for p in glob.glob(source, recursive=True) if Path(p).is_file()]
+        return [(Path(p).relative_to(root).as_posix(), p, None, None)
+                for p in sorted(glob.glob(source, recursive=True)) if Path(p).is_file()]
     if path.is_file():
-        return [(path.name, str(path), None)]
+        return [(path.name, str(path), None, None)]
     raise ValueError(f"--refs {source!r}: no such folder, list file (.csv/.txt), glob match "
                      "or image file")
 
 
 def _refuse_escapes(source: str, refs_root: str | None, root: str,
-                    entries: list[tuple[str, str, str | None]]) -> None:
+                    entries: list[Entry]) -> None:
     """ValueError naming the list entries that lead outside ``root`` (absolute names, ``..``)."""
-    escaping = [rel for rel, p, _ in entries
-                if os.path.commonpath([root, os.path.normpath(p)]) != root]
+    inside = os.path.join(root, "")  # root with one trailing separator
+    escaping = [e[0] for e in entries
+                if not (path := os.path.normpath(e[1])).startswith(inside) and path != root]
     if escaping:
         where = f"--refs-root {refs_root}" if refs_root else f"the list's folder {root}"
         shown = ", ".join(repr(e) for e in escaping[:5])
@@ -165,34 +215,80 @@ def _refuse_escapes(source: str, refs_root: str | None, root: str,
                          "to read them anyway.")
 
 
-def resolve_refs(sources: list[str] | tuple[str, ...] | None,
-                 refs_root: str | None = None, outside_root: bool = False) -> RefTable:
-    """Resolve ``--refs`` values (default: the bundled sample images) into a RefTable.
+def _collect(sources, refs_root: str | None, outside_root: bool,
+             listed_types: _ListedTypes | None = None
+             ) -> tuple[list[tuple[str, str, str | None]], list[set[int]] | None]:
+    """(listed name, absolute path, root) of every file, each once, in the order given, and
+    with ``listed_types`` the set of types its rows name."""
+    entries: list[tuple[str, str, str | None]] = []
+    types: list[set[int]] = []
+    position: dict[str, int] = {}
+    for source in sources:
+        for rel, path, root, type_id in _entries(source, refs_root, outside_root, listed_types):
+            absolute = os.path.abspath(path)
+            if absolute not in position:
+                position[absolute] = len(entries)
+                entries.append((rel, absolute, root))
+                types.append(set())
+            if type_id is not None:  # a (reference, type) listed twice is made once
+                types[position[absolute]].add(type_id)
+    if not entries:
+        raise ValueError(f"--refs {' '.join(sources)}: no image files found")
+    return entries, types if listed_types is not None else None
 
-    The table is sorted by ``id + "_"`` so that samples written in table order
-    are also in byte order of their keys ``<id>_<TT>_<LL>``.  List entries that
-    lead outside their root are refused (ValueError naming them) unless
-    ``outside_root``.
+
+def _table(entries, ids: list[str], types: list[set[int]] | None, order) -> RefTable:
+    return RefTable(ids=tuple(ids[i] for i in order),
+                    paths=tuple(entries[i][1] for i in order),
+                    rel=tuple(entries[i][0] for i in order),
+                    roots=tuple(entries[i][2] for i in order),
+                    types=None if types is None else tuple(tuple(sorted(types[i]))
+                                                           for i in order))
+
+
+def _by_id(ids: list[str]) -> list[int]:
+    """Table order: by ``id + "_"``, so that samples written in table order are also in
+    byte order of their keys ``<id>_<TT>_<LL>``."""
+    return sorted(range(len(ids)), key=lambda i: ids[i] + "_")
+
+
+def resolve_refs(sources: list[str] | tuple[str, ...] | None,
+                 refs_root: str | None = None, outside_root: bool = False,
+                 listed_types: tuple[int, ...] | None = None,
+                 recipe: str = "--recipe kadis700k") -> RefTable:
+    """Resolve ``--refs`` values (default: the bundled sample images) into a RefTable
+    sorted by id.
+
+    List entries that lead outside their root are refused (ValueError naming them)
+    unless ``outside_root``.  With ``listed_types`` (the run's types) every value must be
+    a list whose second column names each row's type, one of those (``recipe`` names the
+    option that asks for it in errors).
     """
     if not sources:
         from biqa.data import SAMPLE_REFS_DIR
         sources = [str(SAMPLE_REFS_DIR)]
-    entries: list[tuple[str, str, str | None]] = []
-    seen_paths: set[str] = set()
-    for source in sources:
-        for rel, path, root in _entries(source, refs_root, outside_root):
-            absolute = os.path.abspath(path)
-            if absolute not in seen_paths:
-                seen_paths.add(absolute)
-                entries.append((rel, absolute, root))
-    if not entries:
-        raise ValueError(f"--refs {' '.join(sources)}: no image files found")
+    reader = None if listed_types is None else _ListedTypes(listed_types, recipe)
+    entries, types = _collect(sources, refs_root, outside_root, reader)
     ids = assign_ids([rel for rel, _, _ in entries])
-    order = sorted(range(len(ids)), key=lambda i: ids[i] + "_")
-    return RefTable(ids=tuple(ids[i] for i in order),
-                    paths=tuple(entries[i][1] for i in order),
-                    rel=tuple(entries[i][0] for i in order),
-                    roots=tuple(entries[i][2] for i in order))
+    return _table(entries, ids, types, _by_id(ids))
+
+
+def resolve_refs_and_walk(sources, walk_sources, refs_root: str | None = None,
+                          outside_root: bool = False) -> tuple[RefTable, RefTable]:
+    """The references (sorted by id) and a walk's references (in list order) with ids
+    assigned over both, so that a file in both lists has one id, and two files never
+    share one."""
+    if not sources:
+        from biqa.data import SAMPLE_REFS_DIR
+        sources = [str(SAMPLE_REFS_DIR)]
+    entries, _ = _collect(sources, refs_root, outside_root)
+    walk, _ = _collect(walk_sources, refs_root, outside_root)
+    known = {path for _, path, _ in entries}
+    union = entries + [e for e in walk if e[1] not in known]
+    id_of = dict(zip((path for _, path, _ in union), assign_ids([rel for rel, _, _ in union])))
+    ids, walk_ids = [id_of[p] for _, p, _ in entries], [id_of[p] for _, p, _ in walk]
+    return (_table(entries, ids, None, _by_id(ids)),
+            _table(walk, walk_ids, None, range(len(walk))))
 
 
 # ------------------------------------------------------------------ loading one reference

@@ -1,4 +1,5 @@
-"""Per-sample seeds: a pure function of (global seed, reference id, type, level).
+"""Per-sample seeds: a pure function of (global seed, reference id, type, level); and the
+types drawn for a reference (``--types-per-ref``), a function of (global seed, reference id).
 
 Seeds never depend on list positions, worker counts or shard layout, so a
 sample is the same bytes whichever run, machine or shard produced it, and the
@@ -26,3 +27,15 @@ def sample_seed(global_seed: int, ref_id: str, type_id: int, level: int) -> int:
 def sample_rng(global_seed: int, ref_id: str, type_id: int, level: int) -> np.random.Generator:
     """The Generator a sample's distortion draws from."""
     return np.random.default_rng(sample_seed(global_seed, ref_id, type_id, level))
+
+
+# Type ids start at 1, so a SeedSequence over (seed, reference, 0) never equals a sample's.
+_TYPE_DRAW = 0
+
+
+def drawn_types(global_seed: int, ref_id: str, pool: tuple[int, ...], k: int) -> tuple[int, ...]:
+    """``k`` types of ``pool`` for one reference, by id: a function of (global seed,
+    reference id, pool) only, so independent of list order, shards and workers."""
+    seq = np.random.SeedSequence([global_seed, _ref_entropy(ref_id), _TYPE_DRAW])
+    chosen = np.random.default_rng(seq).choice(len(pool), size=k, replace=False)
+    return tuple(sorted(pool[i] for i in chosen))

@@ -91,15 +91,16 @@ def planned_names(task: ShardTask) -> list[str]:
     if s.out_format == "webdataset":
         return [f"{task.name}.tar"]
     return [f"{sample_key(task.ref_ids[ref], type_id, level)}.{s.image_format}"
-            for ref, type_id in task.groups() for level in s.levels]
+            for ref, type_id in task.owned_groups() for level in s.levels]
 
 
 def reference_digests(task: ShardTask) -> dict[str, str | None]:
-    """sha256 of each reference's bytes; None where it cannot be read or leads outside
-    its root (such a reference is skipped unread)."""
-    return {ref_id: None if root is not None and resolves_outside(path, root)
-            else reference_digest(path)
-            for ref_id, path, root in zip(task.ref_ids, task.ref_paths, task.ref_roots)}
+    """sha256 of the bytes of each reference the task uses; None where it cannot be read
+    or leads outside its root (such a reference is skipped unread)."""
+    used = sorted({ref for ref, _ in task.groups()})
+    return {task.ref_ids[i]: None if task.ref_roots[i] is not None
+            and resolves_outside(task.ref_paths[i], task.ref_roots[i])
+            else reference_digest(task.ref_paths[i]) for i in used}
 
 
 def _damaged_output(task: ShardTask, stats: dict) -> str | None:
@@ -134,7 +135,18 @@ def _well_formed(task: ShardTask, stats: dict) -> bool:
         return False
     counts = [stats.get(k) for k in ("samples", "samples_skipped")] + [e["samples"] for e in na]
     return all(type(c) is int and c >= 0 for c in counts) \
-        and stats.get("planned") == task.planned_samples == sum(counts)
+        and stats.get("planned") == task.planned_samples == sum(counts) \
+        and (task.rows is None or _walk_record_fits(task, stats))
+
+
+def _walk_record_fits(task: ShardTask, stats: dict) -> bool:
+    """A walk chunk's record covers the task's rows and names as successes distinct rows of
+    them, one per written group."""
+    successes = stats.get("successes")
+    first, stop = task.rows
+    return isinstance(successes, list) and all(type(r) is int for r in successes) \
+        and successes == sorted(set(successes)) and all(first <= r < stop for r in successes) \
+        and len(successes) * len(task.settings.levels) == stats["samples"]
 
 
 def resume_check(task: ShardTask, stats: dict | None,
@@ -142,6 +154,8 @@ def resume_check(task: ShardTask, stats: dict | None,
     """(whether the shard is done, why a shard recorded complete must be redone)."""
     if not stats or stats.get("status") != "complete":
         return False, None  # never finished: nothing to explain
+    if task.rows is not None and stats.get("rows") != list(task.rows):
+        return False, None  # the walk cut this chunk elsewhere: its own doing, not damage
     recorded = stats.get("references")
     if not isinstance(recorded, dict) or not _well_formed(task, stats):
         return False, "its stats are from an older biqa-gen or malformed"
@@ -184,7 +198,7 @@ def _generate(task: ShardTask, digests: dict[str, str | None], progress: TaskPro
         "shard": task.name, "index": task.index, "status": "started",
         "files": [{"name": n} for n in planned]}))
     writer = ShardWriter(shard_tar_path(s.out_dir, task.name)) if wds else None
-    skipped, not_applicable, files = [], [], []
+    skipped, not_applicable, files, successes = [], [], [], []
     samples = samples_skipped = samples_na = 0
     fr_sums = {name: [0, 0.0, 0.0] for name in s.fr_metrics}  # count, sum, sum of squares
     loaded_ref, img = -1, None
@@ -214,6 +228,8 @@ def _generate(task: ShardTask, digests: dict[str, str | None], progress: TaskPro
                 samples_na += len(s.levels)
                 progress(samples, samples_skipped, samples_na)
                 continue
+            if task.rows is not None:
+                successes.append(task.ref_rows[ref])
             for key, encoded, meta in group:
                 if wds:
                     writer.add(key, {MEMBER_EXTENSIONS[s.image_format]: encoded,
@@ -240,10 +256,13 @@ def _generate(task: ShardTask, digests: dict[str, str | None], progress: TaskPro
     # that changed and is now skipped): only names this task plans, so no record can point
     # it at another shard's files
     remove_recorded(s.out_dir, previous.intersection(planned) - {f["name"] for f in files})
-    return {"shard": task.name, "index": task.index, "status": "complete",
-            "planned": task.planned_samples, "samples": samples,
-            "samples_skipped": samples_skipped, "files": files, "references": digests,
-            "skipped": skipped, "not_applicable": not_applicable, "fr_sums": fr_sums}
+    stats = {"shard": task.name, "index": task.index, "status": "complete",
+             "planned": task.planned_samples, "samples": samples,
+             "samples_skipped": samples_skipped, "files": files, "references": digests,
+             "skipped": skipped, "not_applicable": not_applicable, "fr_sums": fr_sums}
+    if task.rows is not None:  # what the walk needs: the rows made and those that succeeded
+        stats.update(rows=list(task.rows), successes=sorted(successes))
+    return stats
 
 
 def run_task(task: ShardTask, attempts: int = DEFAULT_ATTEMPTS,
