@@ -179,6 +179,8 @@ class _Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if self.world > 1 and not dist.is_initialized():
+            if use_cuda:  # before NCCL sets up: its communicator binds the current device
+                torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
             dist.init_process_group("nccl" if use_cuda else "gloo")
         self.rank = dist.get_rank() if self.world > 1 else 0
         self.device = torch.device("cpu")
