@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 from biqa.data import sample_reference_paths
 from biqa.distortions import distort
 from biqa.training.data import NORMALISATION
-from biqa.training.finetune import TrainPatches, predict, resolve_device, train_epoch
+from biqa.training.device import resolve_device
+from biqa.training.finetune import TrainPatches, predict, train_epoch
 from biqa.training.models import create_model
 from biqa.training.pretrain import save_checkpoint
 from biqa.training.vipnet import build_vipnet

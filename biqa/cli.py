@@ -417,19 +417,41 @@ def _cross_datasets(ctx, param, values) -> dict:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0),
               help="DataLoader worker processes.")
-def finetune(dataset, root, dpm, dpm_arch, cpm_arch, cpm_weights, rounds, epochs, patches,
+@click.option("--protocol", default="biqa", show_default=True,
+              type=click.Choice(["biqa", "paper"]),
+              help="paper: VIPNet's published protocol, to compare with the paper's table -- 35 "
+                   "epochs with early stopping, exponential LR decay 0.85, 12 random patches "
+                   "with flips at test too (16 on KADID-10k), raw PLCC, the best test epoch "
+                   "reported (labelled in results.json).")
+@click.pass_context
+def finetune(ctx, dataset, root, dpm, dpm_arch, cpm_arch, cpm_weights, rounds, epochs, patches,
              patch_size, batch_size, lr, weight_decay, seed, val_fraction, select_on_test,
-             logistic, cross, out, device, workers):
+             logistic, cross, out, device, workers, protocol):
     """Fine-tune VIPNet on an IQA dataset over reference-disjoint rounds; writes
     OUT/results.json, OUT/round_NN/best.pt and a per-type SRCC plot."""
-    from biqa.training.finetune import FinetuneConfig, run_finetune, summary_table
-    from biqa.training.iqa_datasets import DatasetError
+    from biqa.training.config import PAPER_FINETUNE, FinetuneConfig
+    from biqa.training.iqa_datasets import DatasetError, load_dataset
     cfg = FinetuneConfig(dataset=dataset, root=root, out=out, dpm=dpm, dpm_arch=dpm_arch,
                          cpm_arch=cpm_arch, cpm_weights=cpm_weights, rounds=rounds, epochs=epochs,
                          patches=patches, patch_size=patch_size, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, seed=seed, val_fraction=val_fraction,
                          select_on_test=select_on_test, logistic=logistic, cross=cross,
-                         device=device, workers=workers)
+                         device=device, workers=workers, protocol=protocol)
+    fixed = [name for name in ("epochs", "patches", "batch_size", "lr", "weight_decay",
+                               "val_fraction", "select_on_test", "logistic")
+             if name in {*PAPER_FINETUNE, "patches"}
+             and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    if protocol == "paper" and fixed:
+        raise click.UsageError(f"--protocol paper fixes {', '.join(fixed)} (the published "
+                               "protocol); leave them out, or use --protocol biqa")
+    try:  # settings and datasets are checked before torch is imported (fast errors)
+        cfg.check()
+        load_dataset(cfg.dataset, cfg.root)
+        for name, cross_root in cfg.cross.items():
+            load_dataset(name, cross_root)
+    except (DatasetError, ValueError) as exc:
+        raise click.UsageError(str(exc))
+    from biqa.training.finetune import run_finetune, summary_table
     try:
         results = run_finetune(cfg, say=lambda line: click.echo(line, err=True))
     except (DatasetError, ValueError) as exc:
@@ -459,8 +481,10 @@ def finetune_main() -> None:
 def score(model_path, images, batch_size, patches, device, workers):
     """Print 'PATH<TAB>SCORE' for every image (folders are searched recursively), on the
     training dataset's score scale (its direction: for DMOS datasets lower is better)."""
+    from biqa.training.config import check_device_name
     from biqa.training.score import image_files, score_images
     try:
+        check_device_name(device)
         paths = image_files(images)
         for path, value in score_images(model_path, paths, batch_size, patches, device, workers):
             click.echo(f"{path}\t{value:.6f}")

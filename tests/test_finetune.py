@@ -227,3 +227,93 @@ def test_cli_errors_are_clear(tmp_path, toy_data):
                                       "--dpm", str(not_a_torch_file)])):
         result = runner.invoke(command, args)
         assert result.exit_code == 2 and "cannot read it as" in result.output, result.output
+
+
+def test_rounds_are_reused_only_for_the_same_inputs(toy_data, dpm_checkpoint, tmp_path):
+    """Reuse is keyed by content: another DPM file under the same path, or changed labels
+    under the same file name, redo the round."""
+    import shutil
+    root = tmp_path / "tid2013"
+    shutil.copytree(toy_data["tid2013"], root)
+    dpm = tmp_path / "dpm.pt"
+    shutil.copy(dpm_checkpoint, dpm)
+    args = ["--dataset", "tid2013", "--root", str(root), "--dpm", str(dpm), "--cpm-arch",
+            "tiny", "--rounds", "1", "--epochs", "1", "--patches", "2", "--patch-size", "64x48",
+            "--batch-size", "8", "--out", str(tmp_path / "run"), "--workers", "0",
+            "--device", "cpu"]
+
+    def run() -> str:
+        result = CliRunner().invoke(finetune, args)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    run()
+    assert "already done with the same inputs" in run()
+    state = torch.load(dpm, weights_only=True)  # another DPM, saved over the same path
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v
+                      for k, v in state["model"].items()}
+    save_checkpoint(dpm, state)
+    assert "made from other inputs" in run()
+    assert "already done with the same inputs" in run()
+    labels = root / "mos_with_names.txt"
+    lines = labels.read_text().splitlines()
+    score_, name = lines[0].split(" ", 1)
+    labels.write_text("\n".join([f"{float(score_) + 1:.5f} {name}", *lines[1:]]) + "\n")
+    assert "made from other inputs" in run()
+
+
+def test_paper_protocol_changes_exactly_the_published_settings(toy_data, dpm_checkpoint,
+                                                               tmp_path):
+    ours, paper = FinetuneConfig(dataset="kadid10k"), FinetuneConfig(dataset="kadid10k",
+                                                                      protocol="paper")
+    changed = {k for k, v in paper.resolved().as_dict().items() if ours.as_dict()[k] != v}
+    assert changed == {"protocol", "epochs", "schedule", "early_stopping", "test_crops",
+                       "logistic", "select_on_test", "val_fraction", "patches"}
+    assert paper.resolved().patches == 16  # train.sh's KADID-10k setting; 12 elsewhere
+    assert FinetuneConfig(dataset="tid2013", protocol="paper").resolved().patches == 12
+    refused = CliRunner().invoke(finetune, ["--dataset", "tid2013", "--root",
+                                            str(toy_data["tid2013"]), "--protocol", "paper",
+                                            "--epochs", "3"])
+    assert refused.exit_code == 2 and "--protocol paper fixes epochs" in refused.output
+
+    out = tmp_path / "paper"
+    result = CliRunner().invoke(finetune, [
+        "--dataset", "tid2013", "--root", str(toy_data["tid2013"]), "--dpm", str(dpm_checkpoint),
+        "--cpm-arch", "tiny", "--rounds", "1", "--patch-size", "32x24", "--out", str(out),
+        "--workers", "0", "--device", "cpu", "--protocol", "paper"])
+    assert result.exit_code == 0, result.output
+    assert "protocol: paper" in result.output  # the printed table says so
+    results = json.loads((out / "results.json").read_text())
+    saved = results["config"]
+    assert (saved["protocol"], saved["epochs"], saved["schedule"], saved["test_crops"],
+            saved["logistic"], saved["select_on_test"], saved["patches"]) == \
+        ("paper", 35, "exponential", "random", False, True, 12)
+    assert "paper" in results["protocol"]["protocol"]
+    assert "optimistic" in results["protocol"]["selection"]
+    assert results["protocol"]["plcc"] == "raw predictions"
+    history = results["rounds"][0]["history"]
+    best = results["rounds"][0]["best_epoch"]
+    assert len(history) == 35 or len(history) == max(best + 11, 18)  # early stopping rule
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("finetune_main", ["--dataset", "tid2013", "--root", "/nonexistent"], "is not a folder"),
+    ("finetune_main", ["--dataset", "tid2013", "--root", "/tmp"], "mos_with_names.txt"),
+    ("finetune_main", ["--dataset", "tid2013", "--device", "gpu"], "cuda:N"),
+    ("finetune_main", ["--dataset", "koniq"], "'koniq' is not one of"),
+    ("score_main", ["--model", __file__, "/nonexistent.png"], "does not exist"),
+    ("score_main", ["--model", __file__, "--device", "tpu", __file__], "cuda:N"),
+])
+def test_flag_and_input_errors_come_before_torch_is_imported(tmp_path, command, args, message):
+    import subprocess
+    import sys
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(
+        "import atexit, sys\n"
+        "atexit.register(lambda: sys.stderr.write('\\ntorch imported: %s\\n' "
+        "% ('torch' in sys.modules)))\n"
+        f"from biqa.cli import {command}\nsys.exit({command}())\n")
+    done = subprocess.run([sys.executable, str(launcher), *args], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-1500:]
+    assert "torch imported: False" in done.stderr and "Traceback" not in done.stderr

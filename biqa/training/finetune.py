@@ -22,7 +22,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +32,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from biqa.shards.writer import atomic_write, atomic_write_bytes
+from biqa.shards.writer import atomic_write, atomic_write_bytes, file_digest
 
 from . import metrics
+from .config import FinetuneConfig
 from .data import crop_box
+from .device import amp_dtype, autocast, dtype_name, needs_scaler, resolve_device
 from .models import read_torch_file, write_torch_file
 from .iqa_datasets import IQADataset, Split, load_dataset, split_by_content
-from .vipnet import DEFAULT_PATCH_SIZE, VIPNet, build_vipnet, vipnet_from_config
+from .vipnet import VIPNet, build_vipnet, vipnet_from_config
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +115,13 @@ class TrainPatches(Dataset):
 
 
 class EvalImages(Dataset):
-    """All ``patches`` fixed crops of one image per item: (N, 3, h, w) uint8."""
+    """All ``patches`` crops of one image per item: (N, 3, h, w) uint8 -- fixed crops, or
+    with ``crops="random"`` random crops with random flips (the published protocol's test),
+    drawn from (``seed``, index) so a given evaluation is repeatable."""
 
-    def __init__(self, paths, patch_size, patches: int):
-        self.paths, self.patches = list(paths), patches
+    def __init__(self, paths, patch_size, patches: int, crops: str = "fixed",
+                 seed: tuple[int, ...] = (0,)):
+        self.paths, self.patches, self.crops, self.seed = list(paths), patches, crops, seed
         self.patch_hw = (patch_size[1], patch_size[0])
 
     def __len__(self) -> int:
@@ -124,24 +129,28 @@ class EvalImages(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         image = load_rgb(self.paths[index], self.patch_hw[::-1])
-        offsets = fixed_offsets(image.shape[:2], self.patch_hw, self.patches)
-        return torch.stack([_chw(_crop(image, t, l, self.patch_hw)) for t, l in offsets])
-
-
-def _autocast(device: torch.device):
-    """bfloat16 autocast on CUDA (the frozen backbones dominate); nothing on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        if self.crops == "fixed":
+            offsets = fixed_offsets(image.shape[:2], self.patch_hw, self.patches)
+            return torch.stack([_chw(_crop(image, t, l, self.patch_hw)) for t, l in offsets])
+        rng = np.random.default_rng(np.random.SeedSequence([*self.seed, index]))
+        out = []
+        for _ in range(self.patches):
+            patch = _crop(image, *crop_box(*image.shape[:2], self.patch_hw, rng), self.patch_hw)
+            out.append(_chw(patch[:, ::-1] if rng.random() < 0.5 else patch))
+        return torch.stack(out)
 
 
 def predict(model: VIPNet, paths, patch_size, patches: int, device, batch_size: int = 32,
-            workers: int = 0, progress: bool = False) -> np.ndarray:
-    """Quality per image: the mean of the model's output over its fixed crops."""
+            workers: int = 0, progress: bool = False, crops: str = "fixed",
+            seed: tuple[int, ...] = (0,)) -> np.ndarray:
+    """Quality per image: the mean of the model's output over its crops (``EvalImages``),
+    in the precision ``biqa.training.device`` picks for the device."""
     device = torch.device(device)
-    loader = DataLoader(EvalImages(paths, patch_size, patches),
+    loader = DataLoader(EvalImages(paths, patch_size, patches, crops, seed),
                         batch_size=max(1, batch_size // patches), num_workers=workers)
     model.eval()
     out = []
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), autocast(device, amp_dtype(device)):
         for crops in tqdm(loader, desc="score", disable=not progress, leave=False):
             b, n = crops.shape[:2]
             q = model(crops.flatten(0, 1).to(device, non_blocking=True)).float()
@@ -205,66 +214,21 @@ def _mutable_state(model: VIPNet) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------- protocol
 
-@dataclass
-class FinetuneConfig:
-    """Everything one ``biqa-finetune`` run depends on (saved into results.json)."""
-
-    dataset: str
-    root: str | None = None
-    out: str = "finetune"
-    dpm: str | None = None
-    dpm_arch: str = "botnet50"
-    cpm_arch: str = "resnet50"
-    cpm_weights: str | None = None
-    rounds: int = 10
-    epochs: int = 20
-    patches: int = 12
-    patch_size: tuple[int, int] = DEFAULT_PATCH_SIZE
-    batch_size: int = 32
-    lr: float = 5e-4
-    weight_decay: float = 5e-4
-    seed: int = 0
-    test_fraction: float = 0.2
-    val_fraction: float = 0.1
-    select_on_test: bool = False
-    logistic: bool = True
-    cross: dict[str, str | None] = field(default_factory=dict)
-    device: str = "auto"
-    workers: int = 0
-
-    def check(self) -> None:
-        """Refuse settings that cannot run, before any data is read."""
-        if self.rounds < 1 or self.epochs < 1 or self.patches < 1 or self.batch_size < 1:
-            raise ValueError("rounds, epochs, patches and batch size must all be >= 1")
-        if min(self.patch_size) < 16:
-            raise ValueError(f"patch size {self.patch_size} is too small (minimum 16x16)")
-        if not 0 < self.test_fraction < 1 or not 0 <= self.val_fraction < 1:
-            raise ValueError("test fraction must be in (0, 1) and validation fraction in [0, 1)")
-        if self.select_on_test is False and self.val_fraction == 0:
-            raise ValueError("without a validation part the epoch can only be picked on the "
-                             "test part: pass --select-on-test to do that knowingly")
-
-    def fingerprint(self) -> str:
-        """What makes a finished round reusable: everything but output and device."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("out", "device", "workers")}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N', refused clearly otherwise."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name} requested but CUDA is not available")
-    return device
+PAPER_LABEL = ("paper: VIPNet's published fine-tuning protocol (35 epochs with early stopping, "
+               "exponential LR decay 0.85, random test patches with flips, raw PLCC, the best "
+               "test epoch reported): comparable with the paper's table, optimistic")
 
 
 def protocol_labels(cfg: FinetuneConfig) -> dict:
+    test_patches = (f"{cfg.patches} fixed crops per image, mean score" if cfg.test_crops == "fixed"
+                    else f"{cfg.patches} random crops with random flips per image, mean score")
     return {
+        "protocol": PAPER_LABEL if cfg.protocol == "paper" else
+        "biqa: the epoch is picked on held-out training references, fixed test crops",
+        "epochs": (f"{cfg.epochs}, early stopping 10 epochs after the best (past half)"
+                   if cfg.early_stopping else str(cfg.epochs)),
+        "schedule": ("exponential, x0.85 per epoch" if cfg.schedule == "exponential"
+                     else "cosine over the epochs"),
         "split": (f"by reference content, {1 - cfg.test_fraction:.0%}/{cfg.test_fraction:.0%} "
                   f"train/test, sorted content ids, per-round seed (seed={cfg.seed}, round)"),
         "selection": OPTIMISTIC_LABEL if cfg.select_on_test else HONEST_LABEL,
@@ -274,8 +238,23 @@ def protocol_labels(cfg: FinetuneConfig) -> dict:
         "cpm": (f"{cfg.cpm_arch}, frozen, ImageNet weights from {cfg.cpm_weights}"
                 if cfg.cpm_weights else f"{cfg.cpm_arch}, frozen, random weights (no ImageNet file)"),
         "plcc": "after 4-parameter logistic fit" if cfg.logistic else "raw predictions",
-        "test_patches": f"{cfg.patches} fixed crops per image, mean score",
+        "test_patches": test_patches,
     }
+
+
+def inputs_fingerprint(cfg: FinetuneConfig, data: IQADataset,
+                       cross: dict[str, IQADataset]) -> str:
+    """What makes a finished round reusable: the configuration (but output, device and
+    workers) and the *content* of every input -- the sha256 of the DPM and CPM weight files
+    and the dataset's labels as read -- so a replaced checkpoint or changed labels under the
+    same paths never reuse old rounds."""
+    keep = {k: v for k, v in cfg.as_dict().items() if k not in ("out", "device", "workers")}
+    keep["inputs"] = {
+        "dpm": file_digest(cfg.dpm)[1] if cfg.dpm else None,
+        "cpm_weights": file_digest(cfg.cpm_weights)[1] if cfg.cpm_weights else None,
+        "dataset": data.fingerprint(),
+        "cross": {name: d.fingerprint() for name, d in sorted(cross.items())}}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _evaluate(quality: np.ndarray, data: IQADataset, scale: LabelScale | None,
@@ -300,16 +279,21 @@ def _seed_torch(seed: int, round_index: int) -> int:
 
 def train_epoch(model: VIPNet, optimiser, loader, device: torch.device,
                 desc: str = "train") -> list[float]:
-    """One pass over the training patches (L1 loss on standardised quality); the losses."""
+    """One pass over the training patches (L1 loss on standardised quality); the losses.
+    Mixed precision as ``biqa.training.device`` decides: bf16 where the GPU has it, else
+    fp16 through a grad scaler; full precision on the CPU."""
     model.train()
+    dtype = amp_dtype(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler(dtype))
     losses = []
     for crops, target in tqdm(loader, desc=desc, disable=not sys.stderr.isatty(), leave=False):
-        with _autocast(device):
+        with autocast(device, dtype):
             q = model(crops.to(device, non_blocking=True))
         loss = nn.functional.l1_loss(q.float(), target.to(device))
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimiser)
+        scaler.update()
         losses.append(loss.item())
     return losses
 
@@ -331,7 +315,9 @@ def train_round(cfg: FinetuneConfig, data: IQADataset, split: Split, round_index
     model.to(device)
     optimiser = torch.optim.Adam(model.trainable_parameters(), lr=cfg.lr,
                                  weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=cfg.epochs)
+    schedule = (torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=0.85)
+                if cfg.schedule == "exponential"
+                else torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=cfg.epochs))
     patches = TrainPatches(train.paths, scale.targets(train.scores), cfg.patch_size,
                            cfg.patches, seed=(cfg.seed, round_index, 3))
     order_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, round_index, 2]))
@@ -344,29 +330,40 @@ def train_round(cfg: FinetuneConfig, data: IQADataset, split: Split, round_index
         losses = train_epoch(model, optimiser, loader, device, f"round {round_index} epoch {epoch}")
         schedule.step()
         quality = predict(model, select.paths, cfg.patch_size, cfg.patches, device,
-                          cfg.batch_size, cfg.workers)
+                          cfg.batch_size, cfg.workers, crops=cfg.test_crops,
+                          seed=(cfg.seed, round_index, 4, epoch))
         score = metrics.srcc(quality, select.quality)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "select_srcc": score})
         say(f"round {round_index} epoch {epoch}/{cfg.epochs}: loss {np.mean(losses):.4f}, "
             f"{'test' if cfg.select_on_test else 'val'} SRCC {score:.4f}")
         if score > best[0]:
             best = (score, epoch, _mutable_state(model))
+        elif cfg.early_stopping and epoch > best[1] + 10 and epoch > cfg.epochs // 2:
+            say(f"round {round_index}: early stop at epoch {epoch} (best {best[1]})")
+            break
     model.load_state_dict(best[2], strict=False)
     return model, config, {"best_epoch": best[1], "select_srcc": best[0], "history": history,
                            "n_train": len(train), "n_val": len(val), "n_test": len(test)}
 
 
 def run_round(cfg: FinetuneConfig, data: IQADataset, cross: dict[str, IQADataset],
-              round_index: int, device: torch.device, say=log.info) -> dict:
-    """One round from split to saved model and test results (reused if already done
-    with the same configuration: an interrupted run resumes at the next round)."""
+              round_index: int, device: torch.device, say=log.info,
+              fingerprint: str = "") -> dict:
+    """One round from split to saved model and test results, reused if already done with
+    the same ``fingerprint`` (``inputs_fingerprint``: configuration and the content of
+    every input), so an interrupted run resumes at the next round and changed inputs are
+    never mixed with old rounds."""
     out = Path(cfg.out) / f"round_{round_index:02d}"
     done = out / "result.json"
     if done.is_file():
-        previous = json.loads(done.read_text())
-        if previous.get("fingerprint") == cfg.fingerprint():
-            say(f"round {round_index}: already done, reusing {done}")
+        try:
+            previous = json.loads(done.read_text())
+        except ValueError:  # torn or foreign: redo the round
+            previous = {}
+        if previous.get("fingerprint") == fingerprint:
+            say(f"round {round_index}: already done with the same inputs, reusing {done}")
             return previous
+        say(f"round {round_index}: {done} was made from other inputs or settings; redoing it")
     split = split_by_content(data.groups, round_index, cfg.seed, cfg.test_fraction,
                              0.0 if cfg.select_on_test else cfg.val_fraction)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -378,13 +375,13 @@ def run_round(cfg: FinetuneConfig, data: IQADataset, cross: dict[str, IQADataset
 
     def evaluate_on(d: IQADataset, s: LabelScale | None) -> dict:
         quality = predict(model, d.paths, cfg.patch_size, cfg.patches, device, cfg.batch_size,
-                          cfg.workers)
+                          cfg.workers, crops=cfg.test_crops, seed=(cfg.seed, round_index, 5))
         return _evaluate(quality, d, s, cfg.logistic)
 
     result = {"round": round_index, **evaluate_on(test, scale), **info,
               "cross": {name: evaluate_on(d, None) for name, d in cross.items()},
               "checkpoint": str(Path(f"round_{round_index:02d}") / "best.pt"),
-              "test_groups": sorted(set(test.groups)), "fingerprint": cfg.fingerprint()}
+              "test_groups": sorted(set(test.groups)), "fingerprint": fingerprint}
     write_json(done, result)
     return result
 
@@ -407,7 +404,7 @@ def summarise(cfg: FinetuneConfig, rounds: list[dict]) -> dict:
     return {
         "dataset": cfg.dataset,
         "protocol": protocol_labels(cfg),
-        "config": {**asdict(cfg), "patch_size": list(cfg.patch_size)},
+        "config": cfg.as_dict(),
         "median_srcc": _median([r["srcc"] for r in rounds]),
         "median_plcc": _median([r["plcc"] for r in rounds]),
         "median_krcc": _median([r["krcc"] for r in rounds]),
@@ -431,7 +428,9 @@ def summary_table(results: dict) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.append(f"protocol: {results['protocol']['protocol']}")
     lines.append(f"epoch selected on: {results['protocol']['selection']}")
+    lines.append(f"PLCC: {results['protocol']['plcc']}; test: {results['protocol']['test_patches']}")
     lines.append(f"DPM: {results['protocol']['dpm']}")
     return "\n".join(lines)
 
@@ -465,13 +464,19 @@ def run_finetune(cfg: FinetuneConfig, say=log.info) -> dict:
     """The whole protocol; writes ``out/results.json`` (and the per-type plot) and
     returns the results."""
     cfg.check()
+    cfg = cfg.resolved()
+    cfg.check()
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.dataset, cfg.root)
     cross = {name: load_dataset(name, root) for name, root in cfg.cross.items()}
+    dtype = amp_dtype(device)
     say(f"{cfg.dataset}: {len(data)} images, {len(set(data.groups))} content groups; "
-        f"device {device}")
+        f"device {device}{f' ({dtype_name(dtype)} autocast)' if dtype else ''}"
+        f"{'; ' + PAPER_LABEL if cfg.protocol == 'paper' else ''}")
+    fingerprint = inputs_fingerprint(cfg, data, cross)
     start = time.perf_counter()
-    rounds = [run_round(cfg, data, cross, r, device, say) for r in range(cfg.rounds)]
+    rounds = [run_round(cfg, data, cross, r, device, say, fingerprint)
+              for r in range(cfg.rounds)]
     results = summarise(cfg, rounds)
     results["seconds"] = time.perf_counter() - start
     out = Path(cfg.out)

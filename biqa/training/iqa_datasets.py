@@ -15,6 +15,7 @@ listing order or hash seeds, so they are identical across runs and machines.
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
 import re
@@ -66,6 +67,16 @@ class IQADataset:
     def quality(self) -> np.ndarray:
         """Scores oriented so that higher always means better (DMOS negated)."""
         return self.scores if self.higher_better else -self.scores
+
+    def fingerprint(self) -> str:
+        """sha256 of what the dataset says, as read: every image's path (relative to the
+        root), score, content group and type -- changed labels change it."""
+        h = hashlib.sha256(f"{self.name}\t{self.higher_better}\n".encode())
+        types = self.types or ("",) * len(self.paths)
+        for path, score, group, kind in zip(self.paths, self.scores, self.groups, types):
+            rel = os.path.relpath(path, self.root)
+            h.update(f"{rel}\t{float(score)!r}\t{group}\t{kind}\n".encode())
+        return h.hexdigest()
 
     def subset(self, indices) -> "IQADataset":
         idx = np.asarray(indices, dtype=np.int64)

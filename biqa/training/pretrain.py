@@ -38,7 +38,7 @@ from biqa.shards.writer import atomic_write, atomic_write_bytes, remove_own_part
 from .config import TrainConfig
 from .data import (LEVELS, NORMALISATION, KadidDataset, NoReadableShards, ShardStream,
                    dpm_input, make_loader, training_batches)
-from .device import amp_dtype, autocast, needs_scaler, resolve_device
+from .device import amp_dtype, autocast, dtype_name, needs_scaler, resolve_device
 from .dpm_weights import load_init_weights
 from .models import create_model, read_torch_file, write_torch_file
 
@@ -599,7 +599,7 @@ def _train(config: TrainConfig, group: _Dist) -> dict:
         log.info("%d samples in %d shards (%d classes); %s on %s%s, %d loader workers, "
                  "batch %d x %d ranks; %d steps per epoch, %d steps to go",
                  shards.samples, len(shards.urls), shards.num_classes, config.arch, device,
-                 f" with {str(dtype).replace('torch.', '')} autocast" if dtype else "",
+                 f" with {dtype_name(dtype)} autocast" if dtype else "",
                  workers, config.batch_size, world, steps_per_epoch, total_steps - step)
     bar = _progress(total_steps, step, rank == 0)
     loader = make_loader(train_set, workers, pin)

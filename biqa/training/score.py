@@ -1,4 +1,7 @@
-"""``biqa-score``: a fine-tuned VIPNet's quality score for image files, batched, CPU or GPU."""
+"""``biqa-score``: a fine-tuned VIPNet's quality score for image files, batched, CPU or GPU.
+
+Importing it does not import torch (``score_images`` does), so the command lists and
+checks its inputs before paying for it."""
 
 from __future__ import annotations
 
@@ -8,8 +11,6 @@ from typing import Iterator
 import numpy as np
 
 from biqa.generator.refs import IMAGE_EXTENSIONS
-
-from .finetune import LabelScale, load_model, predict, resolve_device
 
 
 def image_files(items) -> list[Path]:
@@ -33,6 +34,9 @@ def score_images(model_path, paths, batch_size: int = 32, patches: int | None = 
                  chunk: int = 256) -> Iterator[tuple[Path, float]]:
     """(path, score) per image, on the training dataset's scale, ``chunk`` images at a
     time so that a long list starts printing at once."""
+    from .device import resolve_device
+    from .finetune import LabelScale, load_model, predict
+
     dev = resolve_device(device)
     model, config = load_model(model_path, map_location="cpu")
     model.to(dev)

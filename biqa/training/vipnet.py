@@ -159,8 +159,11 @@ class VIPNet(nn.Module):
         self.dpm = FrozenBranch(dpm) if freeze_dpm else TrainableBranch(dpm)
         self.register_buffer("rgb_mean", _buffer(IMAGENET_MEAN))
         self.register_buffer("rgb_std", _buffer(IMAGENET_STD))
+        # the DPM's statistics travel in the state dict (buffers) and, as plain floats, to
+        # dpm_input, whose constants are then made once per device (no sync per forward)
         self.register_buffer("dpm_mean", _buffer(dpm_mean))
         self.register_buffer("dpm_std", _buffer(dpm_std))
+        self._dpm_stats = (tuple(map(float, dpm_mean)), tuple(map(float, dpm_std)))
         grid_hw, dpm_channels = self._probe(patch_size)
         self.content = MultiScaleContent(cpm.feature_channels, grid_hw)
         self.interaction = Interaction(self.content.out_channels + dpm_channels, grid_hw,
@@ -183,7 +186,7 @@ class VIPNet(nn.Module):
     def _inputs(self, rgb_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised RGB for the CPM and normalised YCbCr for the DPM."""
         rgb = (rgb_uint8.float() / 255.0 - self.rgb_mean) / self.rgb_std
-        return rgb, dpm_input(rgb_uint8, self.dpm_mean, self.dpm_std)
+        return rgb, dpm_input(rgb_uint8, *self._dpm_stats)
 
     def forward(self, rgb_uint8: torch.Tensor) -> torch.Tensor:
         rgb, ycbcr = self._inputs(rgb_uint8)
