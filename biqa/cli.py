@@ -430,7 +430,7 @@ def finetune(ctx, dataset, root, dpm, dpm_arch, cpm_arch, cpm_weights, rounds, e
     """Fine-tune VIPNet on an IQA dataset over reference-disjoint rounds; writes
     OUT/results.json, OUT/round_NN/best.pt and a per-type SRCC plot."""
     from biqa.training.config import PAPER_FINETUNE, FinetuneConfig
-    from biqa.training.iqa_datasets import DatasetError, load_dataset
+    from biqa.training.iqa_datasets import DatasetError, check_patch_fits, load_dataset
     cfg = FinetuneConfig(dataset=dataset, root=root, out=out, dpm=dpm, dpm_arch=dpm_arch,
                          cpm_arch=cpm_arch, cpm_weights=cpm_weights, rounds=rounds, epochs=epochs,
                          patches=patches, patch_size=patch_size, batch_size=batch_size, lr=lr,
@@ -446,9 +446,9 @@ def finetune(ctx, dataset, root, dpm, dpm_arch, cpm_arch, cpm_weights, rounds, e
                                "protocol); leave them out, or use --protocol biqa")
     try:  # settings and datasets are checked before torch is imported (fast errors)
         cfg.check()
-        load_dataset(cfg.dataset, cfg.root)
+        check_patch_fits(load_dataset(cfg.dataset, cfg.root), cfg.patch_size)
         for name, cross_root in cfg.cross.items():
-            load_dataset(name, cross_root)
+            check_patch_fits(load_dataset(name, cross_root), cfg.patch_size)
     except (DatasetError, ValueError) as exc:
         raise click.UsageError(str(exc))
     from biqa.training.finetune import run_finetune, summary_table
@@ -486,7 +486,8 @@ def score(model_path, images, batch_size, patches, device, workers):
     try:
         check_device_name(device)
         paths = image_files(images)
-        for path, value in score_images(model_path, paths, batch_size, patches, device, workers):
+        for path, value in score_images(model_path, paths, batch_size, patches, device, workers,
+                                        warn=lambda line: click.echo(line, err=True)):
             click.echo(f"{path}\t{value:.6f}")
     except ValueError as exc:
         raise click.UsageError(str(exc))

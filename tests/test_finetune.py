@@ -174,6 +174,13 @@ def test_finetune_cross_score_and_resume(toy_data, dpm_checkpoint, tmp_path):
                                         "--device", "cpu", str(toy_data["live"] / "wn")])
     assert folder.exit_code == 0, folder.output
     assert len(folder.output.strip().splitlines()) == 84  # every image of the folder
+    small = tmp_path / "small.png"  # smaller than the 64x48 patch: enlarged, and said so
+    Image.open(test.paths[0]).crop((0, 0, 40, 30)).save(small)
+    scored = CliRunner().invoke(score, ["--model", str(out / "round_00" / "best.pt"),
+                                        "--device", "cpu", str(small)])
+    assert scored.exit_code == 0, scored.output
+    assert "(40x30) is smaller than the model's patch 64x48" in scored.output
+    assert [line for line in scored.output.splitlines() if "\t" in line][0].startswith(str(small))
 
     # an interrupted or repeated run reuses the finished rounds and gives the same results
     second = CliRunner().invoke(finetune, args)
@@ -224,7 +231,7 @@ def test_cli_errors_are_clear(tmp_path, toy_data):
     not_a_torch_file.write_text("junk\n")
     for command, args in ((score, ["--model", str(not_a_torch_file), str(toy_data["tid2013"])]),
                           (finetune, ["--dataset", "tid2013", "--root", str(toy_data["tid2013"]),
-                                      "--dpm", str(not_a_torch_file)])):
+                                      "--patch-size", "64x48", "--dpm", str(not_a_torch_file)])):
         result = runner.invoke(command, args)
         assert result.exit_code == 2 and "cannot read it as" in result.output, result.output
 
@@ -301,10 +308,13 @@ def test_paper_protocol_changes_exactly_the_published_settings(toy_data, dpm_che
     ("finetune_main", ["--dataset", "tid2013", "--root", "/tmp"], "mos_with_names.txt"),
     ("finetune_main", ["--dataset", "tid2013", "--device", "gpu"], "cuda:N"),
     ("finetune_main", ["--dataset", "koniq"], "'koniq' is not one of"),
+    ("finetune_main", ["--dataset", "tid2013", "--root", "{toy}"],  # default patch 384x288
+     "images are smaller than the patch 384x288"),
     ("score_main", ["--model", __file__, "/nonexistent.png"], "does not exist"),
     ("score_main", ["--model", __file__, "--device", "tpu", __file__], "cuda:N"),
 ])
-def test_flag_and_input_errors_come_before_torch_is_imported(tmp_path, command, args, message):
+def test_flag_and_input_errors_come_before_torch_is_imported(tmp_path, toy_data, command, args,
+                                                             message):
     import subprocess
     import sys
     launcher = tmp_path / "launch.py"
@@ -313,6 +323,7 @@ def test_flag_and_input_errors_come_before_torch_is_imported(tmp_path, command, 
         "atexit.register(lambda: sys.stderr.write('\\ntorch imported: %s\\n' "
         "% ('torch' in sys.modules)))\n"
         f"from biqa.cli import {command}\nsys.exit({command}())\n")
+    args = [arg.replace("{toy}", str(toy_data["tid2013"])) for arg in args]
     done = subprocess.run([sys.executable, str(launcher), *args], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-1500:]

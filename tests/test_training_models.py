@@ -128,3 +128,19 @@ def test_the_torch_free_architecture_list_is_the_registry():
     from biqa.training.config import ARCHS as FLAG_ARCHS
     from biqa.training.models import ARCHS
     assert sorted(FLAG_ARCHS) == sorted(ARCHS)
+
+
+def test_tiny_sees_every_pixel_and_old_tiny_checkpoints_are_refused_clearly(tmp_path):
+    """The tiny CNN's first layer works at full resolution (stride 1: pixel-level distortions
+    reach it whole), and a checkpoint of the older stem-less tiny CNN is refused with a
+    reason instead of a raw state-dict error."""
+    from biqa.training.pretrain import load_dpm, save_checkpoint
+    model = create_model("tiny", num_classes=4).eval()
+    assert isinstance(model.stem[0], torch.nn.Conv2d) and model.stem[0].stride == (1, 1)
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("stem.")}
+    old["stages.0.0.weight"] = torch.zeros(16, 3, 3, 3)
+    path = tmp_path / "old_tiny.pt"
+    save_checkpoint(path, {"model": old, "config": {"arch": "tiny", "num_classes": 4,
+                                                   "input_size": [64, 48]}})
+    with pytest.raises(ValueError, match="its weights do not fit.*retrain"):
+        load_dpm(path)

@@ -38,8 +38,8 @@ from . import metrics
 from .config import FinetuneConfig
 from .data import crop_box
 from .device import amp_dtype, autocast, dtype_name, needs_scaler, resolve_device
-from .models import read_torch_file, write_torch_file
-from .iqa_datasets import IQADataset, Split, load_dataset, split_by_content
+from .models import load_saved_weights, read_torch_file, write_torch_file
+from .iqa_datasets import IQADataset, Split, check_patch_fits, load_dataset, split_by_content
 from .vipnet import VIPNet, build_vipnet, vipnet_from_config
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ HONEST_LABEL = "validation (references carved from the training part pick the ep
 
 def load_rgb(path: str | Path, min_size: tuple[int, int]) -> np.ndarray:
     """An image as uint8 H*W*3 RGB, enlarged (bicubic, aspect kept) if it is smaller
-    than ``min_size`` (width, height) so that a patch always fits."""
+    than ``min_size`` (width, height) so that a patch always fits -- only ``biqa-score``
+    meets such images (fine-tuning refuses them, see ``check_patch_fits``) and warns."""
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -200,7 +201,7 @@ def load_model(path: str | Path, map_location="cpu") -> tuple[VIPNet, dict]:
         raise ValueError(f"{path} is not a biqa-finetune model (expected 'model' and a "
                          "'config' with a 'label' scale)")
     model = vipnet_from_config(ckpt["config"])
-    model.load_state_dict(ckpt["model"])
+    load_saved_weights(model, ckpt["model"], path)
     return model.eval(), ckpt["config"]
 
 
@@ -469,6 +470,8 @@ def run_finetune(cfg: FinetuneConfig, say=log.info) -> dict:
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.dataset, cfg.root)
     cross = {name: load_dataset(name, root) for name, root in cfg.cross.items()}
+    for dataset in (data, *cross.values()):
+        check_patch_fits(dataset, cfg.patch_size)
     dtype = amp_dtype(device)
     say(f"{cfg.dataset}: {len(data)} images, {len(set(data.groups))} content groups; "
         f"device {device}{f' ({dtype_name(dtype)} autocast)' if dtype else ''}"

@@ -225,14 +225,21 @@ def _init_weights(model: nn.Module) -> None:
 
 
 class TinyNet(nn.Module):
-    """A four-stage CNN (16-32-64-128 channels, each stage one stride-2 3x3 convolution) for
-    CPU smoke runs and tests; same interface as the ResNets."""
+    """A four-stage CNN for CPU smoke runs, tests and benchmarks; same interface as the
+    ResNets.  A full-resolution 3x3 stem (16 channels) comes first, then four stages of one
+    stride-2 3x3 convolution each (16-32-64-128 channels).  The stem is there because
+    distortions live at the pixel: a first layer that already subsamples sees only every
+    other pixel, so it cannot count pixelation's repeated rows or a JPEG block's edge --
+    without it the toy chain's DPM reached top-1 0.45 on unseen contents, with it 0.75
+    (benchmarks/bench_chain.py, docs/finetune.md)."""
 
     def __init__(self, num_classes: int):
         super().__init__()
         self.num_classes = num_classes
         self.feature_channels = [16, 32, 64, 128]
-        stages, cin = [], 3
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU(inplace=True))
+        stages, cin = [], 16
         for cout in self.feature_channels:
             stages.append(nn.Sequential(
                 nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout),
@@ -244,6 +251,7 @@ class TinyNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []
+        x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
             features.append(x)
@@ -324,6 +332,20 @@ def read_torch_file(path, what: str, map_location="cpu"):
                       "biqa never unpickles (it is not a file biqa wrote, or it was changed)")
         raise ValueError(f"{path}: cannot read it as {what}: {type(exc).__name__}: {reason}") \
             from None
+
+
+def load_saved_weights(model: nn.Module, state_dict: dict, path) -> None:
+    """``model.load_state_dict`` for a file biqa wrote, with a ``ValueError`` when the
+    weights do not fit (another architecture, or a file from an older biqa: the ``tiny``
+    CNN has since gained a full-resolution stem, so older tiny checkpoints need retraining)."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()
+        raise ValueError(f"{path}: its weights do not fit this biqa's model "
+                         f"({' '.join(line.strip() for line in reason[:3])[:300]}); was it "
+                         "written by another biqa version? (tiny checkpoints from before the tiny "
+                         "CNN had its stem must be retrained)") from None
 
 
 def load_torchvision_weights(model: nn.Module, path: str) -> dict[str, list[str]]:

@@ -40,7 +40,7 @@ from .data import (LEVELS, NORMALISATION, KadidDataset, NoReadableShards, ShardS
                    dpm_input, make_loader, training_batches)
 from .device import amp_dtype, autocast, dtype_name, needs_scaler, resolve_device
 from .dpm_weights import load_init_weights
-from .models import create_model, read_torch_file, write_torch_file
+from .models import create_model, load_saved_weights, read_torch_file, write_torch_file
 
 __all__ = ["TrainConfig", "train", "load_dpm", "save_checkpoint", "evaluate_checkpoint",
            "model_input"]
@@ -138,7 +138,7 @@ def load_dpm(path: str | Path, map_location: str | torch.device = "cpu"
         raise ValueError(f"{path} is not a biqa-train-dpm checkpoint (a dict with 'model' "
                          f"and a 'config' naming arch, num_classes, input_size): {exc!r}") \
             from None
-    model.load_state_dict(state["model"])
+    load_saved_weights(model, state["model"], path)
     return model.to(map_location).eval(), config
 
 
@@ -538,7 +538,7 @@ def _train(config: TrainConfig, group: _Dist) -> dict:
             if state["config"][key] != plain_config[key]:
                 raise ValueError(f"--resume: {last_path} has {key}={state['config'][key]!r}, "
                                  f"this run {plain_config[key]!r}")
-        backbone.load_state_dict(state["model"])
+        load_saved_weights(backbone, state["model"], last_path)
         if pairs and state.get("quality_head"):
             net.quality.load_state_dict(state["quality_head"])
         if config.regress and state.get("regression_head"):

@@ -31,11 +31,14 @@ def image_files(items) -> list[Path]:
 
 def score_images(model_path, paths, batch_size: int = 32, patches: int | None = None,
                  device: str = "auto", workers: int = 0,
-                 chunk: int = 256) -> Iterator[tuple[Path, float]]:
+                 chunk: int = 256, warn=None) -> Iterator[tuple[Path, float]]:
     """(path, score) per image, on the training dataset's scale, ``chunk`` images at a
-    time so that a long list starts printing at once."""
+    time so that a long list starts printing at once.  Images smaller than the model's
+    patch are enlarged to fit it, which changes the scale of their distortions; ``warn``
+    (if given) is told of each."""
     from .device import resolve_device
     from .finetune import LabelScale, load_model, predict
+    from .iqa_datasets import image_sizes
 
     dev = resolve_device(device)
     model, config = load_model(model_path, map_location="cpu")
@@ -44,5 +47,12 @@ def score_images(model_path, paths, batch_size: int = 32, patches: int | None = 
     n = patches or config["patches"]
     for start in range(0, len(paths), chunk):
         part = paths[start:start + chunk]
+        if warn is not None:
+            w, h = config["patch_size"]
+            for path, (iw, ih) in zip(part, image_sizes(part)):
+                if iw < w or ih < h:
+                    warn(f"warning: {path} ({iw}x{ih}) is smaller than the model's patch "
+                         f"{w}x{h} and is enlarged to fit, which changes the scale of its "
+                         "distortions: its score is less reliable")
         quality = predict(model, part, tuple(config["patch_size"]), n, dev, batch_size, workers)
         yield from zip(part, np.asarray(scale.scores(quality)).tolist())
