@@ -316,18 +316,14 @@ def summary_lines(f: dict) -> list[str]:
     ]
 
 
-def _size(text: str) -> tuple[int, int]:
-    w, h = text.lower().split("x")
-    return int(w), int(h)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--refs", nargs="*", default=(), help="reference images "
                         "(default: the bundled ones)")
     parser.add_argument("--out", help="keep everything here (default: a temporary folder)")
     parser.add_argument("--gpu", action="store_true", help="CUDA, ResNet-18 branches, "
-                        "256x192 contents, more steps and rounds")
+                        "256x192 contents, more steps and rounds (the bundled references "
+                        "give only 28 such tiles: pass many more with --refs)")
     parser.add_argument("--types", default=ChainConfig.types)
     parser.add_argument("--dpm-steps", type=int)
     parser.add_argument("--rounds", type=int)

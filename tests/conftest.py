@@ -60,3 +60,12 @@ def shards(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("shards")
     return {"train": make_shards(root / "train", [r for r in refs if r not in val], 35),
             "val": make_shards(root / "val", val, 20)}
+
+
+@pytest.fixture
+def torch_threads():
+    """``torch.set_num_threads`` for one test; the count before is restored after it."""
+    import torch
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)

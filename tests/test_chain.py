@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_chain import ChainConfig, run_chain  # noqa: E402
@@ -23,11 +22,8 @@ SMALL = dict(types="1,11", size=(96, 72), patch=(64, 48), finetune_every=12, dpm
 
 
 @pytest.fixture(autouse=True)
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+def two_threads(torch_threads):
+    torch_threads(2)
 
 
 def test_pretrained_dpm_transfers_to_unseen_contents(tmp_path):

@@ -28,12 +28,9 @@ PATCH = (64, 48)  # width, height
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread(torch_threads):
     """Two shared cores: one torch thread each is fastest and deterministic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    torch_threads(1)
 
 
 @pytest.fixture(scope="module")
