@@ -38,7 +38,7 @@ from PIL import Image
 from biqa.data import sample_reference_paths
 from biqa.distortions import distort, get as get_distortion
 from biqa.generator import generate
-from biqa.generator.refs import load_reference, resize_cover
+from biqa.generator.refs import ReferenceSkipped, load_reference, resize_cover
 from biqa.training import metrics
 from biqa.shards.reader import open_shards
 from biqa.training.data import dpm_input
@@ -86,17 +86,20 @@ def texture(tile: np.ndarray) -> float:
     return float(np.abs(cv2.Laplacian(grey, cv2.CV_32F)).mean())
 
 
-def split_contents(ref_paths, size: tuple[int, int], finetune_every: int = 8,
-                   min_texture: float = MIN_TEXTURE) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def split_contents(ref_paths, size: tuple[int, int], finetune_every: int
+                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(fine-tuning contents, DPM contents): the references cut into ``size`` tiles at their
     own resolution; in reference r, tile t (row-major) goes to fine-tuning when
     (t + r) % ``finetune_every`` == 0, else to the DPM.  The two sets share no pixels.
-    Tiles flatter than ``min_texture`` are dropped: on them blur, JPEG and pixelation
+    Tiles flatter than ``MIN_TEXTURE`` are dropped: on them blur, JPEG and pixelation
     leave no trace, so a MOS that depends on the level alone could not be ranked."""
     w, h = size
     finetune, dpm = [], []
     for r, path in enumerate(ref_paths):
-        image = load_reference(str(path))
+        try:
+            image = load_reference(str(path))
+        except ReferenceSkipped as exc:
+            raise ValueError(f"{path}: {exc}") from None
         rows, cols = image.shape[0] // h, image.shape[1] // w
         if not rows or not cols:
             image = resize_cover(image, (w, h))
@@ -104,7 +107,7 @@ def split_contents(ref_paths, size: tuple[int, int], finetune_every: int = 8,
         for t in range(rows * cols):
             y, x = divmod(t, cols)
             tile = np.ascontiguousarray(image[y * h:(y + 1) * h, x * w:(x + 1) * w])
-            if texture(tile) >= min_texture:
+            if texture(tile) >= MIN_TEXTURE:
                 (finetune if (t + r) % finetune_every == 0 else dpm).append(tile)
     return finetune, dpm
 
@@ -247,7 +250,7 @@ def run_chain(cfg: ChainConfig, say=print) -> dict:
     """Every stage in turn; returns the figures (also written to OUT/chain.json)."""
     out = Path(cfg.out)
     refs = list(cfg.refs) or [str(p) for p in sample_reference_paths()]
-    type_ids = [get_distortion(int(t)).id for t in cfg.types.split(",")]
+    type_ids = [get_distortion(t).id for t in cfg.types.split(",")]
     if not all(1 <= t <= 25 for t in type_ids):
         raise ValueError(f"--types {cfg.types}: the KADID-10k layout holds types 1..25 only")
     device = torch.device(cfg.device)
@@ -326,6 +329,8 @@ def main() -> None:
                         "give only 28 such tiles: pass many more with --refs)")
     parser.add_argument("--types", default=ChainConfig.types)
     parser.add_argument("--dpm-steps", type=int)
+    parser.add_argument("--ranking-weight", type=float, help="DPM ranking pairs' weight "
+                        f"(default {ChainConfig.ranking_weight}; 0: classification only)")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--patches", type=int)
@@ -340,13 +345,17 @@ def main() -> None:
                      cpm_arch="resnet18", dpm_steps=20000, dpm_batch=128, rounds=10,
                      device="cuda", workers=4)
     overrides = {k: v for k, v in (("dpm_steps", args.dpm_steps), ("rounds", args.rounds),
+                                   ("ranking_weight", args.ranking_weight),
                                    ("epochs", args.epochs),
                                    ("patches", args.patches)) if v is not None}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ChainConfig(out=args.out or tmp, refs=tuple(args.refs), types=args.types,
                           seed=args.seed, cpm_weights=args.cpm_weights,
                           **{**sizes, **overrides})
-        figures = run_chain(cfg)
+        try:
+            figures = run_chain(cfg)
+        except ValueError as exc:  # bad --types or --refs: one line, no traceback
+            parser.error(str(exc))
     print("\n".join(summary_lines(figures)))
     print(f"({figures['seconds']:.0f} s, {torch.get_num_threads()} CPU threads)")
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from biqa.data import sample_reference_paths
 from biqa.distortions import distort
 from biqa.training.data import NORMALISATION
-from biqa.training.device import resolve_device
+from biqa.training.device import amp_dtype, grad_scaler, resolve_device
 from biqa.training.finetune import TrainPatches, predict, train_epoch
 from biqa.training.models import create_model
 from biqa.training.pretrain import save_checkpoint
@@ -79,11 +79,12 @@ def main() -> None:
         patches = TrainPatches(paths, np.zeros(len(paths)), patch_size, args.patches, seed=(0,))
         loader = DataLoader(patches, batch_size=args.batch_size, num_workers=args.workers,
                             shuffle=False, pin_memory=device.type == "cuda")
-        train_epoch(model, optimiser, [next(iter(loader))], device)  # warm-up
+        scaler = grad_scaler(device, amp_dtype(device))
+        train_epoch(model, optimiser, [next(iter(loader))], device, scaler)  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        train_epoch(model, optimiser, loader, device)
+        train_epoch(model, optimiser, loader, device, scaler)
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_s = time.perf_counter() - start

@@ -33,7 +33,7 @@ from biqa.generator import generate
 from biqa.shards.reader import open_shards
 from biqa.training.data import (ShardStream, batch_mixing, full_shuffle_mixing, make_loader,
                                 training_batches)
-from biqa.training.device import amp_dtype, autocast, needs_scaler
+from biqa.training.device import amp_dtype, autocast, grad_scaler
 from biqa.training.models import create_model
 from biqa.training.pretrain import model_input
 
@@ -115,7 +115,7 @@ def step_rate(arch: str, device: str, batch: int, steps: int, amp: bool) -> floa
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     dtype = amp_dtype(dev, amp)
-    scaler = torch.amp.GradScaler(dev.type, enabled=needs_scaler(dtype))
+    scaler = grad_scaler(dev, dtype)
     images = torch.randint(0, 256, (batch, 288, 384, 3), dtype=torch.uint8, device=dev)
     labels = torch.randint(0, 150, (batch,), device=dev)
 

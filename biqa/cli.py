@@ -7,6 +7,7 @@ so everything a flag does can also be done from Python.
 from __future__ import annotations
 
 import os
+import re
 
 import click
 
@@ -26,6 +27,17 @@ def _size(min_side: int):
     return parse
 
 # ============================================================== biqa-gen (generator)
+
+
+def _fr_metric_names(ctx, param, value) -> tuple[str, ...]:
+    """A comma list of full-reference metrics as ``biqa-gen --fr-metrics`` reads it."""
+    if not value:
+        return ()
+    from biqa.fr_metrics import parse_fr_metrics
+    try:
+        return parse_fr_metrics(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -254,7 +266,7 @@ def _plan_line(config, shards, val_shards) -> str:
 @click.option("--pseudo-mos", default=None, metavar="METRIC",
               help="Full-reference metric that orders --rank-pairs reference (recorded by "
                    "biqa-gen --fr-metrics; psnr always is).")
-@click.option("--regress", default=None, metavar="METRICS",
+@click.option("--regress", default=None, metavar="METRICS", callback=_fr_metric_names,
               help="Also regress these full-reference metrics as weak labels "
                    "(DeepFL-IQA-style), e.g. ssim,ms_ssim.")
 @click.option("--regression-weight", default=1.0, show_default=True,
@@ -305,8 +317,8 @@ def train_dpm_main(ctx, shards, val_shards, out, smoke, arch, epochs, max_steps,
                     max_steps=max_steps, batch_size=batch_size, lr=lr, workers=workers,
                     device=device, amp=amp, amp_dtype=amp_dtype, ranking_weight=ranking_weight,
                     rank_pairs=rank_pairs, pseudo_mos=pseudo_mos,
-                    regress=tuple(p.strip() for p in regress.split(",")) if regress else (),
-                    regression_weight=regression_weight, resume=resume, input_size=input_size, init_weights=init_weights,
+                    regress=regress, regression_weight=regression_weight, resume=resume,
+                    input_size=input_size, init_weights=init_weights,
                     compile=compile_, log_every=log_every, save_every=save_every,
                     val_every=val_every, kadid_root=kadid_root, seed=seed,
                     allow_incomplete=allow_incomplete, protocol=protocol)
@@ -360,6 +372,13 @@ def train_dpm_main(ctx, shards, val_shards, out, smoke, arch, epochs, max_steps,
 
 
 # ================================================== biqa-finetune / biqa-score (finetune)
+
+
+def _reason(exc: Exception) -> str:
+    """An error's own message in one line: an error raised in a DataLoader worker reaches
+    the main process wrapped in the worker's traceback, whose last line is the reason."""
+    last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return re.sub(r"^\w+Error: ", "", last)
 
 
 def _cross_datasets(ctx, param, values) -> dict:
@@ -454,8 +473,8 @@ def finetune(ctx, dataset, root, dpm, dpm_arch, cpm_arch, cpm_weights, rounds, e
     from biqa.training.finetune import run_finetune, summary_table
     try:
         results = run_finetune(cfg, say=lambda line: click.echo(line, err=True))
-    except (DatasetError, ValueError) as exc:
-        raise click.UsageError(str(exc))
+    except (DatasetError, ValueError) as exc:  # e.g. an image that fails to decode
+        raise click.UsageError(_reason(exc))
     except OSError as exc:  # e.g. a full disk while saving a round (never torn)
         raise click.ClickException(f"{exc}; finished rounds are kept, re-running the same "
                                    "command reuses them")
@@ -490,7 +509,7 @@ def score(model_path, images, batch_size, patches, device, workers):
                                         warn=lambda line: click.echo(line, err=True)):
             click.echo(f"{path}\t{value:.6f}")
     except ValueError as exc:
-        raise click.UsageError(str(exc))
+        raise click.UsageError(_reason(exc))
 
 
 def score_main() -> None:

@@ -325,3 +325,20 @@ def test_flag_and_input_errors_come_before_torch_is_imported(tmp_path, toy_data,
                           text=True, timeout=60)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-1500:]
     assert "torch imported: False" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_image_that_fails_to_decode_is_named_in_one_line(toy_data, tmp_path):
+    """A truncated image (readable header, so it passes the size check) fails in a loader
+    worker: the error names the file, without the worker's traceback."""
+    import shutil
+    root = tmp_path / "tid2013"
+    shutil.copytree(toy_data["tid2013"], root)
+    victim = sorted((root / "distorted_images").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    result = CliRunner().invoke(finetune, [
+        "--dataset", "tid2013", "--root", str(root), "--dpm-arch", "tiny", "--cpm-arch", "tiny",
+        "--rounds", "1", "--epochs", "1", "--patches", "1", "--patch-size", "64x48",
+        "--out", str(tmp_path / "run"), "--workers", "2", "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert f"cannot read image {victim}" in result.output, result.output
+    assert "Traceback" not in result.output and "worker process" not in result.output

@@ -277,6 +277,20 @@ def test_folder_format_writes_loose_images(tmp_path):
         shard_paths(tmp_path)
 
 
+def test_folder_format_in_zstd_resumes_and_overwrites_its_own_files(tmp_path):
+    """Loose zstd samples are planned, written and recognised under one name (.npy.zst):
+    the same job again resumes every shard; another job with --overwrite removes them."""
+    args = dict(out=str(tmp_path), levels="2", resize="128x96", out_format="folder",
+                image_format="zstd", workers=1, progress=False)
+    first = generate(distortions="21", **args)
+    names = sorted(p.name for p in tmp_path.glob("*.npy.zst"))
+    assert names and len(names) == first["totals"]["samples"]
+    again = generate(distortions="21", **args)
+    assert again["run"]["shards_resumed"] == first["totals"]["shards"]
+    generate(distortions="1", overwrite=True, **args)
+    assert not list(tmp_path.glob("*_21_02.npy.zst")) and list(tmp_path.glob("*_01_02.npy.zst"))
+
+
 def test_generator_does_not_import_torch():
     code = ("import sys, biqa.generator, biqa.generator.preview, biqa.shards.reader, biqa.cli; "
             "print('torch' in sys.modules)")
@@ -321,14 +335,14 @@ def test_progress_counts_written_skipped_and_not_applicable_as_a_bar_or_log_line
     for tty in (True, False):
         stream = io.StringIO()
         progress = Progress(40, 4, stream=stream, tty=tty, log_every=0)
-        progress.advance(0, 11, 2, 0, 0)
-        progress.advance(3, 7, 5, 0, 0)
+        progress.advance(0, 2, 0, 0)
+        progress.advance(3, 5, 0, 0)
         assert progress.processed == 7 and (tty or "7/40 samples processed" in stream.getvalue())
-        progress.advance(0, 12, 1, 0, 0)  # a retried attempt starts its counts afresh
+        progress.advance(0, 1, 0, 0)  # a retried attempt starts its counts afresh
         assert progress.processed == 6
         for r in results:
             progress.update(r)
-        progress.advance(0, 12, 4, 0, 0)  # arrived after the shard's result: ignored
+        progress.advance(0, 4, 0, 0)  # arrived after the shard's result: ignored
         assert (progress.written, progress.skipped, progress.not_applicable,
                 progress.failed_samples) == (10, 5, 5, 10)
         assert progress.processed == 30 and progress.to_do == 30
@@ -357,12 +371,12 @@ def test_log_records_and_warnings_print_above_the_bar_not_inside_it():
         logging.getLogger("distributed").addHandler(logging.StreamHandler(sys.stderr))
         progress = Progress(10, 1, stream=sys.stderr, tty=True)
         with progress.redirect_logging():
-            progress.advance(0, 1, 5, 0, 0)
+            progress.advance(0, 5, 0, 0)
             logging.getLogger("distributed.worker").warning("a log record")
             logging.getLogger("elsewhere").warning("no handler at all")
             warnings.warn("a warning", UserWarning)
             progress.write("a message")
-            progress.advance(0, 1, 7, 0, 0)
+            progress.advance(0, 7, 0, 0)
         progress.close()
         logging.getLogger("distributed").warning("after the bar")
     """

@@ -410,7 +410,7 @@ def test_workers_report_running_counts_before_their_shard_finishes(tmp_path, bac
         results = run_plan(plan, 2, backend, report=report)
     assert len(results) == plan.n_shards == 4
     for r in results:
-        counts = [m[2:] for m in messages if m[0] == r["index"]]
+        counts = [m[1:] for m in messages if m[0] == r["index"]]
         assert counts, f"no running counts from {r['shard']}"
         assert min(map(sum, counts)) < r["planned"]  # sent before the shard was done
         assert all(written <= r["samples"] for written, _, _ in counts)

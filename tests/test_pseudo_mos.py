@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from biqa.data import sample_reference_paths
-from biqa.distortions import get
+from biqa.distortions import distort, get
 from biqa.distortions.api import replay_draws
 from biqa.fr_metrics import compute_fr_metrics
 from biqa.generator import generate
@@ -89,3 +90,34 @@ def test_cross_type_ranking_and_regression_learn_the_pseudo_mos(scored, tmp_path
     assert set(state["regression_head"]) == {"weight", "bias"}
     assert state["regression_head"]["weight"].shape[0] == 2
     assert state["config"]["rank_pairs"] == "reference"
+
+
+def test_regression_targets_follow_regress_whatever_the_pseudo_mos(scored):
+    """The pseudo-MOS that orders pairs may also be regressed, in any position: each sample's
+    targets are its scores in --regress order."""
+    from biqa.shards.reader import open_shards
+    from biqa.training.data import ShardStream
+    truth = {tuple(np.float32([meta["fr"]["ssim"], meta["fr"]["gmsd"]]))
+             for _, meta in iter_samples(scored["val"])}
+    stream = ShardStream(open_shards(str(scored["val"])), (64, 64), 8, train=False,
+                         pair_by="reference", rank_metric="gmsd", regress=("ssim", "gmsd"))
+    rows = [tuple(row) for part in stream for row in part["targets"].numpy()]
+    assert rows and set(rows) <= truth
+
+
+def test_kadid_evaluation_beside_the_regression_head(scored, tmp_path):
+    """KADID-10k images carry no full-reference scores: validating on them with --regress
+    reports their confusion only (it used to fail on the missing targets)."""
+    root = tmp_path / "kadid"
+    (root / "images").mkdir(parents=True)
+    ref = np.asarray(Image.open(sample_reference_paths()[6]).convert("RGB"))[:96, :96]
+    rows = ["dist_img,ref_img,dmos,var"]
+    for level in range(1, 6):
+        name = f"I01_01_{level:02d}.png"
+        Image.fromarray(distort(ref, 1, level, rng=level)).save(root / "images" / name)
+        rows.append(f"{name},I01.png,3.0,0.1")
+    (root / "dmos.csv").write_text("\n".join(rows) + "\n")
+    summary = train(TrainConfig(shards=str(scored["val"]), out=str(tmp_path / "k"), arch="tiny",
+                                max_steps=2, batch_size=8, workers=0, input_size=(64, 64),
+                                regress=("ssim",), kadid_root=str(root)))
+    assert summary["last"]["kadid10k"]["samples"] == 5

@@ -8,7 +8,7 @@ A file is biqa's to delete only if all of these hold:
   are recorded too) or in ``manifest.json`` -- or it is a temporary file carrying
   biqa's mark (``<final>.biqa-tmp-<pid>-<hex>.partial``);
 * the name is a plain name of one of biqa's shapes (``shard-NNNNNN.tar``,
-  ``<key>.png``/``<key>.webp``, ``stats/shard-NNNNNN.json``, ``manifest.json``):
+  ``<key>.png``/``.webp``/``.npy.zst``, ``stats/shard-NNNNNN.json``, ``manifest.json``):
   no ``/``, no ``..``, nothing absolute;
 * the folder it is in really is ``--out`` (or ``--out/stats``) once symlinks are
   resolved, and the file itself is a regular file, not a symlink.
@@ -26,7 +26,7 @@ import re
 import stat
 from typing import Callable
 
-from biqa.shards.writer import temp_final_name
+from biqa.shards.writer import MEMBER_EXTENSIONS, temp_final_name
 
 from .manifest import MANIFEST_NAME, UnreadableManifest, job_config, load_existing, \
     manifest_path
@@ -34,7 +34,8 @@ from .plan import Plan
 
 STATS_DIR = "stats"
 SHARD_TAR = re.compile(r"shard-\d{6,}\.tar")
-SAMPLE_IMAGE = re.compile(r"[A-Za-z0-9_-]+_\d{2,}_\d{2}\.(?:png|webp)")
+SAMPLE_IMAGE = re.compile(r"[A-Za-z0-9_-]+_\d{2,}_\d{2}\.(?:%s)"
+                          % "|".join(map(re.escape, MEMBER_EXTENSIONS.values())))
 STATS_FILE = re.compile(r"shard-\d{6,}\.json")
 
 

@@ -1,8 +1,8 @@
 """Progress of a job: workers report per-group counts, the driver shows one bar or log lines.
 
 Workers are other processes (loky, a Dask LocalCluster).  A task sends the
-cumulative counts of its current attempt -- (shard index, attempt token,
-written, skipped, not applicable) -- to a socket the driver listens on, at most
+cumulative counts of its current attempt -- (shard index, written, skipped,
+not applicable) -- to a socket the driver listens on, at most
 every ``REPORT_INTERVAL`` seconds.  The driver keeps the latest counts of each
 running shard and swaps them for the shard's final stats when its result
 arrives, so a late, lost or repeated message never miscounts.  A worker that
@@ -28,9 +28,9 @@ from typing import Callable
 
 REPORT_INTERVAL = 0.25  # seconds between a task's messages: a few per second per worker
 LOG_EVERY = 30.0  # seconds between plain log lines while no shard finishes
-_MESSAGE = struct.Struct("<qQqqq")  # index, token, written, skipped, not applicable
+_MESSAGE = struct.Struct("<qqqq")  # index, written, skipped, not applicable
 
-Report = Callable[[int, int, int, int, int], None]
+Report = Callable[[int, int, int, int], None]
 
 
 # ------------------------------------------------------------------ worker side
@@ -40,14 +40,13 @@ class TaskProgress:
 
     def __init__(self, report: Report | None, index: int):
         self.report, self.index = report, index
-        self.token = secrets.randbits(63)  # tells this attempt's counts from an earlier one's
         self._last = -math.inf
 
     def __call__(self, written: int, skipped: int, not_applicable: int) -> None:
         now = time.monotonic()
         if self.report is not None and now - self._last >= REPORT_INTERVAL:
             self._last = now
-            self.report(self.index, self.token, written, skipped, not_applicable)
+            self.report(self.index, written, skipped, not_applicable)
 
 
 _driver: dict = {"address": None, "conn": None}  # this process's connection to the driver
@@ -73,14 +72,13 @@ class SocketReporter:
     def __init__(self, address, authkey: bytes):
         self.address, self.authkey = address, authkey
 
-    def __call__(self, index: int, token: int, written: int, skipped: int,
-                 not_applicable: int) -> None:
+    def __call__(self, index: int, written: int, skipped: int, not_applicable: int) -> None:
         with _driver_lock:
             conn = _connection(self.address, self.authkey)
             if conn is None:
                 return
             try:
-                conn.send_bytes(_MESSAGE.pack(index, token, written, skipped, not_applicable))
+                conn.send_bytes(_MESSAGE.pack(index, written, skipped, not_applicable))
             except OSError:  # the driver went away: stop reporting, the task goes on
                 conn.close()
                 _driver["conn"] = None
@@ -203,7 +201,7 @@ class Progress:
         self.start = time.perf_counter()
         self._last_line = None
         self._lock = threading.RLock()
-        self._live: dict[int, tuple[int, int, int, int]] = {}  # index -> token, w, s, na
+        self._live: dict[int, tuple[int, int, int]] = {}  # index -> written, skipped, n/a
         self._finished: set[int] = set()
         self.written = self.skipped = self.not_applicable = self.failed_samples = 0
         self.shards = self.failed = self.resumed = self.resumed_samples = 0
@@ -216,8 +214,8 @@ class Progress:
     # counts over finished shards plus the running ones
     def _counts(self) -> tuple[int, int, int]:
         live = list(self._live.values())
-        return (self.written + sum(c[1] for c in live), self.skipped + sum(c[2] for c in live),
-                self.not_applicable + sum(c[3] for c in live))
+        return (self.written + sum(c[0] for c in live), self.skipped + sum(c[1] for c in live),
+                self.not_applicable + sum(c[2] for c in live))
 
     @property
     def processed(self) -> int:
@@ -228,13 +226,12 @@ class Progress:
     def to_do(self) -> int:
         return self.total_samples - self.resumed_samples
 
-    def advance(self, index: int, token: int, written: int, skipped: int,
-                not_applicable: int) -> None:
+    def advance(self, index: int, written: int, skipped: int, not_applicable: int) -> None:
         with self._lock:
             if index in self._finished:
                 return  # a message that arrived after the shard's result
             before = self.processed
-            self._live[index] = (token, written, skipped, not_applicable)
+            self._live[index] = (written, skipped, not_applicable)
             self._show(self.processed - before, None)
 
     def add_tasks(self, tasks) -> None:

@@ -90,8 +90,13 @@ def planned_names(task: ShardTask) -> list[str]:
     s = task.settings
     if s.out_format == "webdataset":
         return [f"{task.name}.tar"]
-    return [f"{sample_key(task.ref_ids[ref], type_id, level)}.{s.image_format}"
+    return [sample_file_name(sample_key(task.ref_ids[ref], type_id, level), s.image_format)
             for ref, type_id in task.owned_groups() for level in s.levels]
+
+
+def sample_file_name(key: str, image_format: str) -> str:
+    """A loose sample's file name (``--format folder``): the key and the format's extension."""
+    return f"{key}.{MEMBER_EXTENSIONS[image_format]}"
 
 
 def reference_digests(task: ShardTask) -> dict[str, str | None]:
@@ -188,11 +193,13 @@ def _distort_one(img: np.ndarray, ref_id: str, type_id: int, level: int, task: S
     return encode_image(out, s.image_format), meta
 
 
-def _generate(task: ShardTask, digests: dict[str, str | None], progress: TaskProgress) -> dict:
-    """Produce the shard's outputs under their final names; returns its stats."""
+def _generate(task: ShardTask, digests: dict[str, str | None], previous_stats: dict | None,
+              progress: TaskProgress) -> dict:
+    """Produce the shard's outputs under their final names; returns its stats
+    (``previous_stats``: what an earlier attempt recorded, if anything)."""
     s = task.settings
     wds = s.out_format == "webdataset"
-    previous = set(record_names(read_stats(s.out_dir, task.name)))
+    previous = set(record_names(previous_stats))
     planned = planned_names(task)
     atomic_write_bytes(stats_path(s.out_dir, task.name), _dumps({
         "shard": task.name, "index": task.index, "status": "started",
@@ -235,7 +242,7 @@ def _generate(task: ShardTask, digests: dict[str, str | None], progress: TaskPro
                     writer.add(key, {MEMBER_EXTENSIONS[s.image_format]: encoded,
                                      "json": _dumps(meta), "cls": str(meta["class"]).encode()})
                 else:
-                    name = f"{key}.{MEMBER_EXTENSIONS[s.image_format]}"
+                    name = sample_file_name(key, s.image_format)
                     atomic_write_bytes(os.path.join(s.out_dir, name), encoded)
                     files.append({"name": name, "size": len(encoded),
                                   "sha256": hashlib.sha256(encoded).hexdigest(), "meta": meta})
@@ -282,7 +289,7 @@ def run_task(task: ShardTask, attempts: int = DEFAULT_ATTEMPTS,
             if done:
                 return {**stats, "resumed": True, "seconds": time.perf_counter() - start}
             regenerated = regenerated or why
-            stats = _generate(task, digests, TaskProgress(report, task.index))
+            stats = _generate(task, digests, stats, TaskProgress(report, task.index))
             atomic_write_bytes(stats_path(task.settings.out_dir, task.name), _dumps(stats))
             result = {**stats, "resumed": False, "seconds": time.perf_counter() - start}
             return {**result, "regenerated": regenerated} if regenerated else result

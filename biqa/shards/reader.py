@@ -220,8 +220,9 @@ def open_shards(spec: str, allow_incomplete: bool = False) -> ShardSet:
     unknown = [u for u in urls if os.path.basename(u) not in by_name]
     if unknown:
         raise ValueError(f"{len(unknown)} shards are not in {manifest_at}, e.g. {unknown[0]}")
-    present = [u for u in urls if not is_local(u) or os.path.isfile(local_path(u))]
-    missing = [u for u in urls if u not in set(present)]
+    found = {u: not is_local(u) or os.path.isfile(local_path(u)) for u in urls}
+    present = [u for u in urls if found[u]]
+    missing = [u for u in urls if not found[u]]
     if not present:
         raise ValueError(f"none of the {len(urls)} shards of {spec!r} can be found "
                          f"(e.g. {urls[0]}): nothing to train on")

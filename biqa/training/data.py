@@ -167,13 +167,6 @@ def _ycbcr_affine(device: torch.device, mean: tuple, std: tuple
     return _AFFINE_CACHE[key]
 
 
-def _floats(values) -> tuple[float, ...]:
-    """Three statistics as plain floats, from a tuple or a (1, 3, 1, 1) buffer."""
-    if isinstance(values, torch.Tensor):
-        return tuple(values.detach().flatten().tolist())
-    return tuple(float(v) for v in values)
-
-
 def dpm_input(rgb_uint8: torch.Tensor, mean=YCBCR_MEAN, std=YCBCR_STD) -> torch.Tensor:
     """uint8 RGB (B, 3, H, W) -> the DPM's input: YCbCr / 255 with VIPNet's mean/std.
 
@@ -183,7 +176,7 @@ def dpm_input(rgb_uint8: torch.Tensor, mean=YCBCR_MEAN, std=YCBCR_STD) -> torch.
     NHWC (``permute(0, 3, 1, 2)`` of the loader's batch) is never transposed in memory.
     In float, so it differs from Pillow's integer YCbCr (which truncates) by at most one
     grey level."""
-    a, b = _ycbcr_affine(rgb_uint8.device, _floats(mean), _floats(std))
+    a, b = _ycbcr_affine(rgb_uint8.device, tuple(map(float, mean)), tuple(map(float, std)))
     nhwc = rgb_uint8.permute(0, 2, 3, 1).float()
     return torch.addmm(b, nhwc.reshape(-1, 3), a).view(nhwc.shape).permute(0, 3, 1, 2)
 
@@ -239,6 +232,7 @@ class ShardStream(IterableDataset):
         # the scores a worker keeps per sample: the ranking metric first, then the targets
         self.score_names = tuple(dict.fromkeys(
             ([rank_metric] if pair_by == "reference" else []) + list(regress)))
+        self._target_columns = [self.score_names.index(name) for name in self.regress]
         # (epoch, restart token) in shared memory: persistent workers see set_epoch.
         self._epoch = torch.zeros(2, dtype=torch.int64).share_memory_()
         # Per shard, shared by the workers of this process: 0 unchecked, 1 checked, 2 refused
@@ -426,7 +420,7 @@ class ShardStream(IterableDataset):
             filled += 1
         images, labels, levels = images[:filled], labels[:filled], levels[:filled]
         better = self._rank_key(levels, scores[:filled])
-        targets = scores[:filled, :, len(self.score_names) - len(self.regress):]
+        targets = scores[:filled, :, self._target_columns]
         if not self.pairs:
             images, labels, levels, better, targets = (
                 images[:, 0], labels[:, 0], levels[:, 0], better[:, 0], targets[:, 0])

@@ -41,7 +41,7 @@ def amp_dtype(device: torch.device, amp: bool | None = None,
     ``amp`` None means on for CUDA and off on the CPU.  Without an explicit ``requested``
     dtype, bf16 only where the GPU computes it natively (emulated bf16, e.g. on V100/T4, is
     slower than fp32), else fp16 -- which needs a ``GradScaler`` when training
-    (``needs_scaler``).  On the CPU, bf16 (autocast's CPU dtype)."""
+    (``grad_scaler``).  On the CPU, bf16 (autocast's CPU dtype)."""
     if not (device.type == "cuda" if amp is None else amp):
         return None
     if requested is not None:
@@ -52,9 +52,11 @@ def amp_dtype(device: torch.device, amp: bool | None = None,
     return torch.bfloat16
 
 
-def needs_scaler(dtype: torch.dtype | None) -> bool:
-    """fp16 gradients underflow without loss scaling; bf16 and fp32 do not."""
-    return dtype == torch.float16
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Loss scaling where ``dtype`` needs it: fp16 gradients underflow without it, bf16 and
+    fp32 do not (a disabled scaler passes everything through).  Make one per run and keep
+    it, so its scale carries over from step to step."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -22,7 +22,7 @@ from biqa.distortions import resolve_distortions
 
 from .botnet_vipnet import ARCH, MAP_STRIDE, VIPNET_HEADS, BoTNetVIPNet
 from .data import LEVELS, NORMALISATION
-from .models import load_torchvision_weights, read_torch_file, write_torch_file
+from .models import load_subset, load_torchvision_weights, read_torch_file, write_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +163,7 @@ def load_init_weights(model: nn.Module, path: str | Path, arch: str,
     if problems:
         raise ValueError(f"{path} ({config.get('arch')}, input {config.get('input_size')}) does "
                          f"not fit this model: {problems}")
-    model.load_state_dict(loaded, strict=False)
-    report = {"missing": sorted(set(target) - set(loaded)),
-              "unexpected": sorted(set(source) - set(loaded))}
+    report = load_subset(model, loaded, source)
     log.info("initialised from %s (%s); left at init: %s", path, config.get("arch"),
              report["missing"])
     return report

@@ -37,7 +37,7 @@ from biqa.shards.writer import atomic_write, atomic_write_bytes, file_digest
 from . import metrics
 from .config import FinetuneConfig
 from .data import crop_box
-from .device import amp_dtype, autocast, dtype_name, needs_scaler, resolve_device
+from .device import amp_dtype, autocast, dtype_name, grad_scaler, resolve_device
 from .models import load_saved_weights, read_torch_file, write_torch_file
 from .iqa_datasets import IQADataset, Split, check_patch_fits, load_dataset, split_by_content
 from .vipnet import VIPNet, build_vipnet, vipnet_from_config
@@ -278,14 +278,14 @@ def _seed_torch(seed: int, round_index: int) -> int:
     return int(np.random.SeedSequence([seed, round_index, 1]).generate_state(1)[0])
 
 
-def train_epoch(model: VIPNet, optimiser, loader, device: torch.device,
+def train_epoch(model: VIPNet, optimiser, loader, device: torch.device, scaler,
                 desc: str = "train") -> list[float]:
     """One pass over the training patches (L1 loss on standardised quality); the losses.
     Mixed precision as ``biqa.training.device`` decides: bf16 where the GPU has it, else
-    fp16 through a grad scaler; full precision on the CPU."""
+    fp16 through ``scaler`` (one per round, so its loss scale carries over epochs); full
+    precision on the CPU."""
     model.train()
     dtype = amp_dtype(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler(dtype))
     losses = []
     for crops, target in tqdm(loader, desc=desc, disable=not sys.stderr.isatty(), leave=False):
         with autocast(device, dtype):
@@ -323,12 +323,14 @@ def train_round(cfg: FinetuneConfig, data: IQADataset, split: Split, round_index
                            cfg.patches, seed=(cfg.seed, round_index, 3))
     order_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, round_index, 2]))
     best, history = (-math.inf, 0, None), []
+    scaler = grad_scaler(device, amp_dtype(device))
     for epoch in range(1, cfg.epochs + 1):
         patches.epoch = epoch
         loader = DataLoader(patches, batch_size=cfg.batch_size, num_workers=cfg.workers,
                             sampler=order_rng.permutation(len(patches)).tolist(),
                             pin_memory=device.type == "cuda")
-        losses = train_epoch(model, optimiser, loader, device, f"round {round_index} epoch {epoch}")
+        losses = train_epoch(model, optimiser, loader, device, scaler,
+                             f"round {round_index} epoch {epoch}")
         schedule.step()
         quality = predict(model, select.paths, cfg.patch_size, cfg.patches, device,
                           cfg.batch_size, cfg.workers, crops=cfg.test_crops,

@@ -348,6 +348,14 @@ def load_saved_weights(model: nn.Module, state_dict: dict, path) -> None:
                          "CNN had its stem must be retrained)") from None
 
 
+def load_subset(model: nn.Module, loaded: dict, source: dict) -> dict[str, list[str]]:
+    """Load ``loaded`` (the usable part of the state dict ``source``) into ``model``; returns
+    the model keys left at their initialisation and the source keys not used."""
+    model.load_state_dict(loaded, strict=False)
+    return {"missing": sorted(set(model.state_dict()) - set(loaded)),
+            "unexpected": sorted(set(source) - set(loaded))}
+
+
 def load_torchvision_weights(model: nn.Module, path: str) -> dict[str, list[str]]:
     """Load a torchvision-format ImageNet state dict (``resnet50-*.pth``) by parameter name.
 
@@ -374,9 +382,7 @@ def load_torchvision_weights(model: nn.Module, path: str) -> dict[str, list[str]
     if problems:
         raise ValueError(f"{path}: {len(problems)} required parameters missing or mis-shaped, "
                          f"e.g. {problems[:5]}")
-    model.load_state_dict(loaded, strict=False)
-    report = {"missing": sorted(set(target) - set(loaded)),
-              "unexpected": sorted(set(source) - set(loaded))}
+    report = load_subset(model, loaded, source)
     log.info("loaded %d tensors from %s; left at init: %s; unused: %s", len(loaded), path,
              report["missing"], report["unexpected"])
     return report

@@ -38,7 +38,7 @@ from biqa.shards.writer import atomic_write, atomic_write_bytes, remove_own_part
 from .config import TrainConfig
 from .data import (LEVELS, NORMALISATION, KadidDataset, NoReadableShards, ShardStream,
                    dpm_input, make_loader, training_batches)
-from .device import amp_dtype, autocast, dtype_name, needs_scaler, resolve_device
+from .device import amp_dtype, autocast, dtype_name, grad_scaler, resolve_device
 from .dpm_weights import load_init_weights
 from .models import create_model, load_saved_weights, read_torch_file, write_torch_file
 
@@ -274,10 +274,12 @@ class _Validator:
     def __bool__(self) -> bool:
         return bool(self.loaders)
 
-    def _confusion(self, net, loader, device, channels_last, dtype, warn
+    def _confusion(self, net, loader, device, channels_last, dtype, warn, heads: bool = True
                    ) -> tuple[np.ndarray, dict]:
-        """The confusion matrix, and the SRCCs of the heads: per regressed metric over all
+        """The confusion matrix, and with ``heads`` (data that carries full-reference scores:
+        shards, not KADID-10k) the SRCCs of the heads: per regressed metric over all
         samples, and of the quality against the pseudo-MOS within each reference."""
+        scored = heads and bool(self.regress or self.by_pseudo_mos)
         confusion = torch.zeros(self.num_classes ** 2, dtype=torch.int64)
         outputs: list[tuple] = []  # (regressed, targets, quality, pseudo-MOS, refs) per batch
         with torch.no_grad(), autocast(device, dtype):
@@ -291,7 +293,7 @@ class _Validator:
                 pred = logits.argmax(1).cpu()
                 confusion += torch.bincount(batch["label"] * self.num_classes + pred,
                                             minlength=self.num_classes ** 2)
-                if self.regress or self.by_pseudo_mos:
+                if scored:
                     outputs.append((
                         None if metrics is None else metrics.float().cpu().numpy(),
                         batch["targets"].numpy(),
@@ -299,7 +301,7 @@ class _Validator:
                         batch["better"].numpy(), list(batch["ref"])))
         self.group.sum_(confusion)
         scores, every = {}, []
-        if self.regress or self.by_pseudo_mos:  # a collective: every rank takes part
+        if scored:  # a collective: every rank takes part
             every = [o for part in self.group.gather(outputs) for o in part]
         if self.regress and every:
             predicted = np.concatenate([o[0] for o in every])
@@ -350,7 +352,7 @@ class _Validator:
                     net, self.loaders["pairs"], device, channels_last, dtype)
         if "kadid10k" in self.loaders:
             confusion, _ = self._confusion(net, self.loaders["kadid10k"], device,
-                                           channels_last, dtype, warn)
+                                           channels_last, dtype, warn, heads=False)
             result["kadid10k"] = accuracy_summary(confusion, self.class_table)
             self._write(confusion, out / "confusion_kadid10k")
         net.train()
@@ -522,7 +524,7 @@ def _train(config: TrainConfig, group: _Dist) -> dict:
                                 weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
         optimizer, T_0=config.restart_epochs, T_mult=2, eta_min=config.min_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler(dtype))
+    scaler = grad_scaler(device, dtype)
 
     plain_config = _plain_config(config, shards)
     step, best_acc = 0, -1.0
